@@ -1,0 +1,50 @@
+"""``idemtask.current()``: what the running body knows about its own guard."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Execution:
+    """The attempt a body runs under. ``fencing_token`` grows with every attempt on a key:
+    pass it to downstream writes so a store can refuse a stale holder."""
+
+    key: str
+    task_name: str
+    task_id: str
+    attempt_id: str
+    fencing_token: int
+    takeover: bool
+    _lost: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once renewal found another attempt holds the key; stop writing then."""
+        return self._lost.is_set()
+
+    def mark_lease_lost(self) -> None:
+        self._lost.set()
+
+
+_current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(
+    "idemtask_execution", default=None
+)
+
+
+def current() -> Execution:
+    """The execution of the idempotent body running in this context."""
+    execution = _current.get()
+    if execution is None:
+        raise LookupError("idemtask.current() called outside an idempotent task body")
+    return execution
+
+
+def activate(execution: Execution | None) -> contextvars.Token[Execution | None]:
+    return _current.set(execution)
+
+
+def deactivate(token: contextvars.Token[Execution | None]) -> None:
+    _current.reset(token)

@@ -1,0 +1,104 @@
+"""Every guard decision, logged with structured fields and passed to registered observers
+(metrics and tracing integrations are observers)."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("idemtask")
+
+
+class Decision(str, enum.Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+    ACQUIRED = "acquired"
+    TAKEOVER = "takeover"
+    REPLAYED = "replayed"
+    DEFERRED = "deferred"
+    DROPPED = "dropped"
+    BUSY = "busy"
+    COMPLETED = "completed"
+    RELEASED = "released"
+    STALE_COMPLETION = "stale_completion"
+    LEASE_LOST = "lease_lost"
+    FAILED = "failed"
+    POISON = "poison"
+    STORE_UNAVAILABLE = "store_unavailable"
+
+
+_WARNINGS = {
+    Decision.CONFLICT,
+    Decision.STALE_COMPLETION,
+    Decision.LEASE_LOST,
+    Decision.POISON,
+    Decision.STORE_UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    decision: Decision
+    task_name: str
+    key: str
+    task_id: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    duration: float | None = None  # seconds the store call took, where one was made
+
+
+Observer = Callable[[Event], None]
+_observers: list[Observer] = []
+_lock = threading.Lock()
+
+
+def add_observer(observer: Observer) -> None:
+    with _lock:
+        if observer not in _observers:
+            _observers.append(observer)
+
+
+def remove_observer(observer: Observer) -> None:
+    with _lock:
+        if observer in _observers:
+            _observers.remove(observer)
+
+
+def emit(
+    decision: Decision,
+    task_name: str,
+    key: str,
+    task_id: str,
+    *,
+    duration: float | None = None,
+    **fields: Any,
+) -> None:
+    event = Event(decision, task_name, key, task_id, fields, duration)
+    level = logging.WARNING if decision in _WARNINGS else logging.INFO
+    if logger.isEnabledFor(level):
+        detail = "".join(f" {k}={v}" for k, v in fields.items())
+        logger.log(
+            level,
+            "idemtask %s task=%s id=%s key=%s%s",
+            decision.value,
+            task_name,
+            task_id,
+            key,
+            detail,
+            extra={
+                "idemtask_decision": decision.value,
+                "idemtask_task": task_name,
+                "idemtask_key": key,
+                "idemtask_task_id": task_id,
+                "idemtask_fields": fields,
+            },
+        )
+    for observer in tuple(_observers):
+        try:
+            observer(event)
+        except Exception:  # an observer must never break a task
+            logger.exception("idemtask observer %r failed", observer)

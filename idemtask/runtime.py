@@ -1,0 +1,38 @@
+"""One store and one guard per settings per process, shared by every adapter in it."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from idemtask.config import Settings, resolve_settings
+from idemtask.guard import Guard
+from idemtask.store.base import Store
+from idemtask.store.memory import MemoryStore
+from idemtask.store.redis import RedisStore
+
+_lock = threading.Lock()
+_guards: dict[tuple[int, str, str], Guard] = {}
+_memory = MemoryStore()  # the embedded default: one per process
+
+
+def open_store(settings: Settings) -> Store:
+    """The store ``settings`` name: ``memory://`` is this process's shared MemoryStore."""
+    if settings.uses_memory_store:
+        return _memory
+    return RedisStore.from_url(settings.redis_url, prefix=settings.key_prefix)
+
+
+def guard_for(settings: Settings) -> Guard:
+    """The process's guard for these settings (created lazily, again after a fork)."""
+    ident = (os.getpid(), settings.redis_url, settings.key_prefix)
+    with _lock:
+        guard = _guards.get(ident)
+        if guard is None:
+            guard = _guards[ident] = Guard(open_store(settings))
+        return guard
+
+
+def default_guard() -> Guard:
+    """The guard from Django settings and ``IDEMTASK_*`` environment variables."""
+    return guard_for(resolve_settings())

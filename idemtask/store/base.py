@@ -1,0 +1,177 @@
+"""The record store contract: one record per idempotency key, one atomic step per transition.
+
+A record moves ``queued -> running -> done | failed``; ``idle`` is a record released for
+another try (it keeps its fencing token). Every step checks and writes in one atomic
+operation (a Lua script on Redis), so two workers never both believe they hold a key.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class State(str, enum.Enum):
+    """Where a key's record is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    IDLE = "idle"
+
+
+class Status(str, enum.Enum):
+    """What a store operation answered."""
+
+    NEW = "new"  # reserve: the caller owns a fresh reservation and should publish
+    DUPLICATE = "duplicate"  # reserve: a live or finished record exists
+    CONFLICT = "conflict"  # reserve/acquire: same key, different payload fingerprint
+    ACQUIRED = "acquired"  # acquire: the caller holds the lease and may run the body
+    BUSY = "busy"  # acquire: another attempt holds a live lease
+    DONE = "done"  # acquire: completed before; replay the stored result
+    FAILED = "failed"  # acquire: failed terminally before; replay the stored error
+    POISONED = "poisoned"  # acquire: too many deliveries ended without a report; now failed
+    COMPLETED = "completed"  # complete: the result is recorded
+    RELEASED = "released"  # release / cancel: the record is idle (or failed) again
+    STALE = "stale"  # renew/complete/release/cancel: the caller no longer holds it
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """An encoded result. Its presence is the has-result flag: ``b"null"`` is a result."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The answer of one transition; fields not relevant to ``status`` keep their defaults."""
+
+    status: Status
+    task_id: str = ""
+    state: State | None = None
+    token: int = 0
+    takeover: bool = False
+    lease_left_ms: int = 0
+    deliveries: int = 0
+    result: StoredResult | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What one attempt holds; the lease keeper renews these in bulk."""
+
+    key: str
+    attempt_id: str
+    token: int
+    lease_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A read-only view of a key's record, for inspection and admin tools."""
+
+    key: str
+    state: State
+    task_id: str
+    task_name: str
+    holder: str
+    token: int
+    lease_until_ms: int
+    fingerprint: str
+    deliveries: int
+    result: StoredResult | None
+    error: str
+    created_ms: int
+    updated_ms: int
+    ttl_ms: int
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Operations every store implements with the same semantics (see the contract tests)."""
+
+    def reserve(
+        self,
+        key: str,
+        *,
+        task_id: str,
+        task_name: str,
+        fingerprint: str,
+        reservation_ms: int,
+        ttl_ms: int,
+    ) -> Outcome:
+        """Enqueue side: absent, idle or an expired reservation/lease -> ``queued`` (NEW)."""
+        ...
+
+    def cancel(self, key: str, *, task_id: str) -> Outcome:
+        """Undo a reservation whose publish failed: ``queued`` by ``task_id`` -> ``idle``."""
+        ...
+
+    def acquire(
+        self,
+        key: str,
+        *,
+        task_id: str,
+        attempt_id: str,
+        task_name: str,
+        fingerprint: str,
+        lease_ms: int,
+        max_deliveries: int,
+        ttl_ms: int,
+    ) -> Outcome:
+        """Execute side: take the lease (token + 1) or say why not."""
+        ...
+
+    def renew(self, lease: Lease) -> bool:
+        """Extend a held lease; False when the caller no longer holds it."""
+        ...
+
+    def renew_many(self, leases: Sequence[Lease]) -> list[bool]:
+        """Renew several leases in one round trip."""
+        ...
+
+    def complete(
+        self,
+        key: str,
+        *,
+        attempt_id: str,
+        token: int,
+        result: bytes | None,
+        result_ttl_ms: int,
+    ) -> Outcome:
+        """Record success (COMPLETED), or STALE with the record's current state and result."""
+        ...
+
+    def release(
+        self,
+        key: str,
+        *,
+        attempt_id: str,
+        token: int,
+        error: str,
+        terminal: bool,
+        ttl_ms: int,
+    ) -> Outcome:
+        """Give the key back: ``idle`` for another try, or ``failed`` when ``terminal``."""
+        ...
+
+    def inspect(self, key: str) -> Record | None:
+        """The record for ``key``, or None."""
+        ...
+
+    def forget(self, key: str) -> bool:
+        """Delete the record (admin); True if there was one."""
+        ...
+
+    def scan(self, *, batch: int = 500) -> Iterator[Record]:
+        """Every record, in batches (never a blocking full listing)."""
+        ...
+
+    def ping(self) -> None:
+        """Raise :class:`~idemtask.errors.StoreUnavailable` when the store cannot be reached."""
+        ...

@@ -1,0 +1,30 @@
+-- acquire: KEYS[1]=record; ARGV: task_id, attempt_id, task_name, fingerprint, lease_ms,
+-- max_deliveries, ttl_ms. Takes the lease (token + 1) or says why not.
+local now = now_ms()
+local r = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'l', 'x', 'r', 'k', 'd', 'e')
+local state, tid = r[1], r[2]
+if state then
+  if conflicts(r[3], ARGV[4]) then return {'conflict', tid} end
+  if state == 'done' then return {'done', tid, r[5] or '0', r[6] or ''} end
+  if state == 'failed' then return {'failed', tid, r[9] or ''} end
+  local lease_until = tonumber(r[4] or '0')
+  if state == 'running' and lease_until > now then return {'busy', tid, lease_until - now} end
+end
+local deliveries = tonumber(r[8] or '0')
+local ttl = math.max(tonumber(ARGV[7]), tonumber(ARGV[5]))
+if deliveries >= tonumber(ARGV[6]) then
+  local err = 'poison: ' .. deliveries .. ' deliveries ended without a result'
+  redis.call('HSET', KEYS[1], 's', 'failed', 'e', err, 'l', 0, 'u', now)
+  redis.call('HDEL', KEYS[1], 'h')
+  set_ttl(KEYS[1], ttl)
+  return {'poisoned', tid, deliveries, err}
+end
+local token = tonumber(r[7] or '0') + 1
+local takeover = 0
+if state == 'running' then takeover = 1 end
+if not state then redis.call('HSET', KEYS[1], 'c', now) end
+redis.call('HSET', KEYS[1], 's', 'running', 't', ARGV[1], 'n', ARGV[3], 'h', ARGV[2],
+  'k', token, 'l', now + tonumber(ARGV[5]), 'd', deliveries + 1, 'u', now)
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'f', ARGV[4]) end
+set_ttl(KEYS[1], ttl)
+return {'acquired', ARGV[1], token, takeover, deliveries + 1}

@@ -1,0 +1,12 @@
+-- release: KEYS[1]=record; ARGV: attempt_id, token, error, terminal ('1'/'0'), ttl_ms.
+-- The holder gives the key back: idle for another try, or failed (terminal).
+local r = redis.call('HMGET', KEYS[1], 's', 'h', 'k', 't')
+if r[1] == 'running' and r[2] == ARGV[1] and r[3] == ARGV[2] then
+  local state = 'idle'
+  if ARGV[4] == '1' then state = 'failed' end
+  redis.call('HSET', KEYS[1], 's', state, 'e', ARGV[3], 'l', 0, 'd', 0, 'u', now_ms())
+  redis.call('HDEL', KEYS[1], 'h')
+  set_ttl(KEYS[1], tonumber(ARGV[5]))
+  return {'released', r[4]}
+end
+return {'stale', r[4] or '', r[1] or ''}

@@ -1,0 +1,20 @@
+-- reserve: KEYS[1]=record; ARGV: task_id, task_name, fingerprint, reservation_ms, ttl_ms
+-- absent / idle / expired reservation or lease -> queued (new); otherwise duplicate.
+local now = now_ms()
+local r = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'l', 'x', 'r')
+local state, tid = r[1], r[2]
+if state then
+  if conflicts(r[3], ARGV[3]) then return {'conflict', tid} end
+  if state == 'done' then return {'duplicate', tid, state, r[5] or '0', r[6] or ''} end
+  if state == 'failed' then return {'duplicate', tid, state, '0', ''} end
+  if (state == 'queued' or state == 'running') and tonumber(r[4] or '0') > now then
+    return {'duplicate', tid, state, '0', ''}
+  end
+else
+  redis.call('HSET', KEYS[1], 'c', now, 'k', 0, 'd', 0)
+end
+redis.call('HSET', KEYS[1], 's', 'queued', 't', ARGV[1], 'n', ARGV[2],
+  'l', now + tonumber(ARGV[4]), 'u', now)
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'f', ARGV[3]) end
+set_ttl(KEYS[1], math.max(tonumber(ARGV[5]), tonumber(ARGV[4])))
+return {'new', ARGV[1]}

@@ -1,0 +1,295 @@
+"""MemoryStore: the same contract in one process (the demo, eager mode, unit tests).
+
+It mirrors the Lua scripts step for step under one lock. It guards nothing across
+processes: use RedisStore for real workers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from idemtask.store.base import Lease, Outcome, Record, State, Status, StoredResult
+
+
+@dataclass(slots=True)
+class _Row:
+    state: State
+    task_id: str
+    task_name: str
+    holder: str
+    token: int
+    lease_until_ms: int
+    fingerprint: str
+    deliveries: int
+    result: StoredResult | None
+    error: str
+    created_ms: int
+    updated_ms: int
+    expires_ms: int
+
+
+def _conflicts(stored: str, given: str) -> bool:
+    return bool(given) and bool(stored) and stored != given
+
+
+class MemoryStore:
+    """An in-process store; ``clock`` returns seconds (wall time by default)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._rows: dict[str, _Row] = {}
+        self._lock = threading.Lock()
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _live(self, key: str, now: int) -> _Row | None:
+        row = self._rows.get(key)
+        if row is not None and row.expires_ms <= now:
+            del self._rows[key]
+            return None
+        return row
+
+    def reserve(
+        self,
+        key: str,
+        *,
+        task_id: str,
+        task_name: str,
+        fingerprint: str,
+        reservation_ms: int,
+        ttl_ms: int,
+    ) -> Outcome:
+        with self._lock:
+            now = self._now()
+            row = self._live(key, now)
+            if row is not None:
+                if _conflicts(row.fingerprint, fingerprint):
+                    return Outcome(Status.CONFLICT, task_id=row.task_id)
+                if row.state is State.DONE:
+                    return Outcome(
+                        Status.DUPLICATE, task_id=row.task_id, state=row.state, result=row.result
+                    )
+                if row.state is State.FAILED or (
+                    row.state in (State.QUEUED, State.RUNNING) and row.lease_until_ms > now
+                ):
+                    return Outcome(Status.DUPLICATE, task_id=row.task_id, state=row.state)
+            else:
+                row = self._rows[key] = _blank(now)
+            row.state, row.task_id, row.task_name = State.QUEUED, task_id, task_name
+            row.lease_until_ms, row.updated_ms = now + reservation_ms, now
+            if fingerprint:
+                row.fingerprint = fingerprint
+            row.expires_ms = now + max(ttl_ms, reservation_ms)
+            return Outcome(Status.NEW, task_id=task_id)
+
+    def cancel(self, key: str, *, task_id: str) -> Outcome:
+        with self._lock:
+            now = self._now()
+            row = self._live(key, now)
+            if row is not None and row.state is State.QUEUED and row.task_id == task_id:
+                row.state, row.lease_until_ms, row.updated_ms = State.IDLE, 0, now
+                return Outcome(Status.RELEASED, task_id=task_id)
+            return Outcome(
+                Status.STALE,
+                task_id=row.task_id if row else "",
+                state=row.state if row else None,
+            )
+
+    def acquire(
+        self,
+        key: str,
+        *,
+        task_id: str,
+        attempt_id: str,
+        task_name: str,
+        fingerprint: str,
+        lease_ms: int,
+        max_deliveries: int,
+        ttl_ms: int,
+    ) -> Outcome:
+        with self._lock:
+            now = self._now()
+            row = self._live(key, now)
+            takeover = False
+            if row is not None:
+                if _conflicts(row.fingerprint, fingerprint):
+                    return Outcome(Status.CONFLICT, task_id=row.task_id)
+                if row.state is State.DONE:
+                    return Outcome(
+                        Status.DONE, task_id=row.task_id, state=row.state, result=row.result
+                    )
+                if row.state is State.FAILED:
+                    return Outcome(
+                        Status.FAILED, task_id=row.task_id, state=row.state, error=row.error
+                    )
+                if row.state is State.RUNNING:
+                    if row.lease_until_ms > now:
+                        return Outcome(
+                            Status.BUSY,
+                            task_id=row.task_id,
+                            state=row.state,
+                            lease_left_ms=row.lease_until_ms - now,
+                        )
+                    takeover = True
+            else:
+                row = self._rows[key] = _blank(now)
+            ttl = max(ttl_ms, lease_ms)
+            if row.deliveries >= max_deliveries:
+                row.error = f"poison: {row.deliveries} deliveries ended without a result"
+                row.state, row.holder, row.lease_until_ms, row.updated_ms = State.FAILED, "", 0, now
+                row.expires_ms = now + ttl
+                return Outcome(
+                    Status.POISONED,
+                    task_id=row.task_id,
+                    state=row.state,
+                    deliveries=row.deliveries,
+                    error=row.error,
+                )
+            row.token += 1
+            row.deliveries += 1
+            row.state, row.task_id, row.task_name, row.holder = (
+                State.RUNNING,
+                task_id,
+                task_name,
+                attempt_id,
+            )
+            row.lease_until_ms, row.updated_ms, row.expires_ms = now + lease_ms, now, now + ttl
+            if fingerprint:
+                row.fingerprint = fingerprint
+            return Outcome(
+                Status.ACQUIRED,
+                task_id=task_id,
+                state=row.state,
+                token=row.token,
+                takeover=takeover,
+                deliveries=row.deliveries,
+            )
+
+    def _held(self, key: str, attempt_id: str, token: int, now: int) -> _Row | None:
+        row = self._live(key, now)
+        if (
+            row is not None
+            and row.state is State.RUNNING
+            and row.holder == attempt_id
+            and row.token == token
+        ):
+            return row
+        return None
+
+    def renew(self, lease: Lease) -> bool:
+        return self.renew_many([lease])[0]
+
+    def renew_many(self, leases: Sequence[Lease]) -> list[bool]:
+        answers = []
+        with self._lock:
+            now = self._now()
+            for lease in leases:
+                row = self._held(lease.key, lease.attempt_id, lease.token, now)
+                if row is not None:
+                    row.lease_until_ms = now + lease.lease_ms
+                    row.expires_ms = max(row.expires_ms, now + lease.lease_ms)
+                answers.append(row is not None)
+        return answers
+
+    def complete(
+        self,
+        key: str,
+        *,
+        attempt_id: str,
+        token: int,
+        result: bytes | None,
+        result_ttl_ms: int,
+    ) -> Outcome:
+        with self._lock:
+            now = self._now()
+            row = self._held(key, attempt_id, token, now)
+            if row is None:
+                current = self._live(key, now)
+                if current is None:
+                    return Outcome(Status.STALE)
+                return Outcome(
+                    Status.STALE,
+                    task_id=current.task_id,
+                    state=current.state,
+                    result=current.result,
+                )
+            row.state, row.holder, row.error = State.DONE, "", ""
+            row.result = None if result is None else StoredResult(result)
+            row.lease_until_ms, row.deliveries, row.updated_ms = 0, 0, now
+            row.expires_ms = now + result_ttl_ms
+            return Outcome(Status.COMPLETED, task_id=row.task_id, state=row.state)
+
+    def release(
+        self,
+        key: str,
+        *,
+        attempt_id: str,
+        token: int,
+        error: str,
+        terminal: bool,
+        ttl_ms: int,
+    ) -> Outcome:
+        with self._lock:
+            now = self._now()
+            row = self._held(key, attempt_id, token, now)
+            if row is None:
+                current = self._live(key, now)
+                return Outcome(
+                    Status.STALE,
+                    task_id=current.task_id if current else "",
+                    state=current.state if current else None,
+                )
+            row.state = State.FAILED if terminal else State.IDLE
+            row.holder, row.error, row.lease_until_ms, row.deliveries = "", error, 0, 0
+            row.updated_ms, row.expires_ms = now, now + ttl_ms
+            return Outcome(Status.RELEASED, task_id=row.task_id, state=row.state)
+
+    def inspect(self, key: str) -> Record | None:
+        with self._lock:
+            now = self._now()
+            row = self._live(key, now)
+            return None if row is None else _record(key, row, now)
+
+    def forget(self, key: str) -> bool:
+        with self._lock:
+            return self._rows.pop(key, None) is not None
+
+    def scan(self, *, batch: int = 500) -> Iterator[Record]:
+        with self._lock:
+            now = self._now()
+            records = [
+                _record(key, row, now)
+                for key in list(self._rows)
+                if (row := self._live(key, now)) is not None
+            ]
+        yield from records
+
+    def ping(self) -> None:
+        return None
+
+
+def _blank(now: int) -> _Row:
+    return _Row(State.IDLE, "", "", "", 0, 0, "", 0, None, "", now, now, 0)
+
+
+def _record(key: str, row: _Row, now: int) -> Record:
+    return Record(
+        key=key,
+        state=row.state,
+        task_id=row.task_id,
+        task_name=row.task_name,
+        holder=row.holder,
+        token=row.token,
+        lease_until_ms=row.lease_until_ms,
+        fingerprint=row.fingerprint,
+        deliveries=row.deliveries,
+        result=row.result,
+        error=row.error,
+        created_ms=row.created_ms,
+        updated_ms=row.updated_ms,
+        ttl_ms=row.expires_ms - now,
+    )
