@@ -1,0 +1,28 @@
+"""Doctor findings: one checked invariant each, with the fix when it is violated."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Level(str, enum.Enum):
+    OK = "ok"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    level: Level
+    code: str  # stable identifier, e.g. "celery.visibility_timeout"
+    message: str  # what was found, with the values read
+    fix: str = ""  # what to change, when level is not OK
+
+    def __str__(self) -> str:
+        text = f"[{self.level.value.upper()}] {self.code}: {self.message}"
+        return f"{text} -> {self.fix}" if self.fix else text
+
+
+def has_errors(findings: list[Finding]) -> bool:
+    return any(f.level is Level.ERROR for f in findings)
