@@ -147,14 +147,26 @@ class RedisStore:
         script = self._scripts["renew"]
 
         def send() -> list[Any]:
+            # EVALSHA directly: a pipeline of Script objects would first send SCRIPT EXISTS,
+            # a second round trip on every renewal.
             pipe = self.client.pipeline(transaction=False)
             for lease in leases:
-                script(
-                    keys=[self.record_name(lease.key)],
-                    args=[lease.attempt_id, lease.token, lease.lease_ms],
-                    client=pipe,
+                pipe.evalsha(
+                    script.sha,
+                    1,
+                    self.record_name(lease.key),
+                    lease.attempt_id,
+                    lease.token,
+                    lease.lease_ms,
                 )
-            return list(pipe.execute())
+            answers = list(pipe.execute(raise_on_error=False))
+            if any(isinstance(a, redis.exceptions.NoScriptError) for a in answers):
+                self.client.script_load(script.script)
+                return send()
+            for answer in answers:
+                if isinstance(answer, Exception):
+                    raise answer
+            return answers
 
         return [bool(int(answer)) for answer in _guarded(send)]
 

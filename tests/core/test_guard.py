@@ -1,0 +1,315 @@
+"""The guard engine's decisions, without Celery or Dramatiq, over both stores."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import idemtask
+from idemtask.codecs import JsonCodec
+from idemtask.errors import (
+    AlreadyRunningError,
+    IdempotencyConflict,
+    LeaseLostError,
+    PoisonMessageError,
+    StoreUnavailable,
+    TaskFailedError,
+)
+from idemtask.events import Decision, Event, add_observer, remove_observer
+from idemtask.guard import Attempt, Call, Deferred, Dropped, Existing, Guard, Replay
+from idemtask.policy import Policy
+from idemtask.store import MemoryStore, RedisStore, State, Store
+
+from servers import RedisServer
+
+CODEC = JsonCodec()
+FAST = Policy(lease=0.3, result_ttl=60, wait_timeout=2)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest) -> Iterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore()
+    else:
+        yield RedisStore.from_url(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+def guard(store: Store) -> Guard:
+    return Guard(store)
+
+
+@pytest.fixture
+def events() -> Iterator[list[Event]]:
+    seen: list[Event] = []
+    add_observer(seen.append)
+    yield seen
+    remove_observer(seen.append)
+
+
+def call(fp: str = "fp") -> Call:
+    return Call("shop.charge", uuid.uuid4().hex, fp)
+
+
+class Body:
+    """A body that counts its runs."""
+
+    def __init__(self, value: Any = None, *, sleep: float = 0.0, error: Exception | None = None):
+        self.value, self.sleep, self.error, self.runs = value, sleep, error, 0
+
+    def __call__(self) -> Any:
+        self.runs += 1
+        time.sleep(self.sleep)
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def test_runs_once_then_replays_the_stored_value(guard: Guard, events: list[Event]) -> None:
+    c, body = call(), Body({"charged": 10})
+    assert guard.run(FAST, c, "t1", body, CODEC) == {"charged": 10}
+    assert guard.run(FAST, c, "t2", body, CODEC) == {"charged": 10}
+    assert body.runs == 1
+    mine = [e.decision for e in events if e.key == c.key]
+    assert mine == [Decision.ACQUIRED, Decision.COMPLETED, Decision.REPLAYED]
+
+
+def test_reserve_returns_the_original_and_policies(guard: Guard) -> None:
+    c = call()
+    assert guard.reserve(FAST, c, "t1") is None
+    existing = guard.reserve(FAST, c, "t2")
+    assert isinstance(existing, Existing) and existing.task_id == "t1"
+    assert (
+        guard.reserve(FAST.with_options({"on_duplicate": "enqueue"}, source="t"), c, "t3") is None
+    )
+    with pytest.raises(idemtask.DuplicateTaskError) as info:
+        guard.reserve(FAST.with_options({"on_duplicate": "raise"}, source="t"), c, "t4")
+    assert info.value.existing_task_id == "t1"
+    assert guard.reserve(FAST.with_options({"dedupe_enqueue": False}, source="t"), c, "t5") is None
+    guard.run(FAST, c, "t1", Body(5), CODEC)
+    done = guard.reserve(FAST, c, "t6")
+    assert isinstance(done, Existing) and done.state is State.DONE
+    assert done.result is not None and CODEC.decode(done.result.data) == 5
+
+
+def test_cancel_lets_the_next_call_publish(guard: Guard) -> None:
+    c = call()
+    assert guard.reserve(FAST, c, "t1") is None
+    guard.cancel(c, "t1")
+    assert guard.reserve(FAST, c, "t2") is None
+
+
+def _hold(guard: Guard, c: Call, task_id: str = "t1") -> Attempt:
+    decided = guard.begin(FAST, c, task_id)
+    assert isinstance(decided, Attempt)
+    return decided
+
+
+def test_busy_policies(guard: Guard) -> None:
+    c = call()
+    holder = _hold(guard, c)
+    with pytest.raises(Deferred) as deferred:
+        guard.begin(FAST, c, "t1")
+    assert 0 < deferred.value.delay <= FAST.lease
+    with pytest.raises(AlreadyRunningError) as running:
+        guard.begin(FAST.with_options({"on_running": "raise"}, source="t"), c, "t2")
+    assert running.value.holder_task_id == "t1"
+    with pytest.raises(Dropped):
+        guard.begin(FAST.with_options({"on_running": "drop"}, source="t"), c, "t2")
+    guard.succeed(holder, "ok", CODEC)
+
+
+def test_wait_policy_replays_once_the_holder_completes(guard: Guard) -> None:
+    c = call()
+    holder = _hold(guard, c)
+    waiter_policy = FAST.with_options({"on_running": "wait", "wait_timeout": 5}, source="t")
+
+    def finish_later() -> None:
+        with guard.holding(holder):  # renewed while the body "runs"
+            time.sleep(0.5)
+        guard.succeed(holder, "from-holder", CODEC)
+
+    finished = threading.Thread(target=finish_later)
+    finished.start()
+    started = time.monotonic()
+    decided = guard.begin(waiter_policy, c, "t2")
+    assert isinstance(decided, Replay) and decided.value(CODEC) == "from-holder"
+    assert 0.4 < time.monotonic() - started < 3
+    finished.join()
+
+
+def test_wait_policy_defers_after_its_timeout(guard: Guard) -> None:
+    c = call()
+    holder = _hold(guard, c)
+    with guard.holding(holder):  # renewed, so the waiter never sees it free
+        policy = FAST.with_options({"on_running": "wait", "wait_timeout": 0.5}, source="t")
+        with pytest.raises(Deferred):
+            guard.begin(policy, c, "t2")
+
+
+def test_failure_is_released_for_another_try(guard: Guard) -> None:
+    c, failing = call(), Body(error=ValueError("card declined"))
+    with pytest.raises(ValueError):
+        guard.run(FAST, c, "t1", failing, CODEC)
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.IDLE
+    assert "card declined" in record.error
+    assert guard.run(FAST, c, "t1", Body("paid"), CODEC) == "paid"
+
+
+def test_terminal_exceptions_are_replayed(guard: Guard) -> None:
+    c = call()
+    policy = FAST.with_options({"terminal_exceptions": (KeyError,)}, source="t")
+    with pytest.raises(KeyError):
+        guard.run(policy, c, "t1", Body(error=KeyError("no such order")), CODEC)
+    again = Body("never")
+    with pytest.raises(TaskFailedError) as failed:
+        guard.run(policy, c, "t2", again, CODEC)
+    assert again.runs == 0 and "KeyError" in failed.value.error
+
+
+def test_conflicting_arguments_under_one_key(guard: Guard) -> None:
+    c = call("fp-a")
+    guard.run(FAST, c, "t1", Body(1), CODEC)
+    other = Call(c.task_name, c.key, "fp-b")
+    with pytest.raises(IdempotencyConflict):
+        guard.run(FAST, other, "t2", Body(2), CODEC)
+    with pytest.raises(IdempotencyConflict):
+        guard.reserve(FAST, other, "t3")
+    relaxed = FAST.with_options({"validate_payload": False}, source="t")
+    assert guard.run(relaxed, other, "t4", Body(2), CODEC) == 1
+
+
+def test_poison_after_repeated_unreported_deliveries(guard: Guard) -> None:
+    c = call()
+    policy = FAST.with_options({"max_deliveries": 2}, source="t")
+    for _ in range(2):
+        assert isinstance(guard.begin(policy, c, "t1"), Attempt)  # then "crash": no report
+        time.sleep(FAST.lease + 0.05)
+    with pytest.raises(PoisonMessageError):
+        guard.begin(policy, c, "t1")
+
+
+def test_lease_renewal_keeps_a_long_body_exclusive(guard: Guard) -> None:
+    c = call()
+    seen: list[str] = []
+
+    def long_body() -> str:
+        for _ in range(4):
+            time.sleep(FAST.lease / 2)
+            try:
+                guard.begin(FAST, c, "copy")
+            except Deferred:
+                seen.append("deferred")
+        return "done"
+
+    renewals = guard.leases.renewals
+    assert guard.run(FAST, c, "t1", long_body, CODEC) == "done"
+    assert seen == ["deferred"] * 4
+    assert guard.leases.renewals - renewals >= 3
+
+
+def test_context_inside_the_body(guard: Guard) -> None:
+    c = call()
+    with pytest.raises(LookupError):
+        idemtask.current()
+
+    def body() -> dict[str, Any]:
+        now = idemtask.current()
+        return {"key": now.key, "token": now.fencing_token, "lost": now.lease_lost}
+
+    assert guard.run(FAST, c, "t1", body, CODEC) == {"key": c.key, "token": 1, "lost": False}
+    with pytest.raises(LookupError):
+        idemtask.current()
+
+
+def test_stale_completion_returns_the_winners_result(store: Store) -> None:
+    slow, fast = Guard(store), Guard(store)
+    c = call()
+    attempt = _hold(slow, c)
+    with slow.holding(attempt):
+        slow.leases.drop(attempt.attempt_id)  # the process froze: no renewal
+        time.sleep(FAST.lease + 0.05)
+        assert fast.run(FAST, c, "t2", Body("winner"), CODEC) == "winner"
+        assert slow.succeed(attempt, "loser", CODEC) == "winner"
+    record = store.inspect(c.key)
+    assert record is not None and record.result is not None
+    assert CODEC.decode(record.result.data) == "winner" and record.token == 2
+
+
+def test_stale_completion_without_a_winner_raises_lease_lost(store: Store) -> None:
+    slow, other = Guard(store), Guard(store)
+    c = call()
+    attempt = _hold(slow, c)
+    time.sleep(FAST.lease + 0.05)
+    taken = other.begin(FAST, c, "t2")
+    assert isinstance(taken, Attempt) and taken.takeover
+    with pytest.raises(LeaseLostError):
+        slow.succeed(attempt, "late", CODEC)
+
+
+def test_lease_lost_is_visible_to_the_body() -> None:
+    now = [1000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    guard, rival = Guard(store), Guard(store)
+    c = call()
+    attempt = _hold(guard, c)
+    with guard.holding(attempt) as execution:
+        now[0] += FAST.lease + 1  # the lease ran out (a long GC pause, a stopped process)
+        assert isinstance(rival.begin(FAST, c, "t2"), Attempt)
+        guard.leases.renew_now()
+        assert execution.lease_lost is True
+        assert idemtask.current().lease_lost is True
+
+
+def test_oversized_results_complete_without_a_stored_value(guard: Guard) -> None:
+    c = call()
+    policy = FAST.with_options({"max_result_bytes": 10}, source="t")
+    assert guard.run(policy, c, "t1", Body("x" * 100), CODEC) == "x" * 100
+    replayed = Body("again")
+    assert guard.run(policy, c, "t2", replayed, CODEC) is None
+    assert replayed.runs == 0
+
+
+def test_store_outage_policies(fresh_redis: Callable[..., RedisServer]) -> None:
+    server = fresh_redis()
+    guard = Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+    server.stop()
+    c = call()
+    with pytest.raises(Deferred) as deferred:
+        guard.begin(FAST, c, "t1")
+    assert deferred.value.delay > 0
+    body = Body("ran")
+    run_anyway = FAST.with_options({"on_store_error": "run"}, source="t")
+    assert guard.run(run_anyway, c, "t1", body, CODEC) == "ran" and body.runs == 1
+    with pytest.raises(StoreUnavailable):
+        guard.begin(FAST.with_options({"on_store_error": "raise"}, source="t"), c, "t1")
+    # Enqueue publishes anyway: the execute guard still protects the message.
+    assert guard.reserve(FAST, c, "t1") is None
+    with pytest.raises(StoreUnavailable):
+        guard.reserve(FAST.with_options({"on_store_error": "raise"}, source="t"), c, "t1")
+    server.start()
+    assert guard.run(FAST, c, "t1", Body("back"), CODEC) == "back"
+
+
+def test_completion_survives_a_short_store_outage(
+    fresh_redis: Callable[..., RedisServer],
+) -> None:
+    server = fresh_redis(appendonly=True)
+    guard = Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+    c = call()
+    policy = FAST.with_options({"lease": 10}, source="t")
+
+    def body() -> str:
+        server.stop()
+        threading.Timer(1.0, server.start).start()
+        return "paid"
+
+    assert guard.run(policy, c, "t1", body, CODEC) == "paid"
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.DONE
