@@ -30,6 +30,7 @@ class Decision(str, enum.Enum):
     FAILED = "failed"
     POISON = "poison"
     STORE_UNAVAILABLE = "store_unavailable"
+    RENEWED = "renewed"  # one renewal round trip for every lease the process holds
 
 
 _WARNINGS = {
@@ -78,7 +79,12 @@ def emit(
     **fields: Any,
 ) -> None:
     event = Event(decision, task_name, key, task_id, fields, duration)
-    level = logging.WARNING if decision in _WARNINGS else logging.INFO
+    if decision in _WARNINGS:
+        level = logging.WARNING
+    elif decision is Decision.RENEWED:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
     if logger.isEnabledFor(level):
         detail = "".join(f" {k}={v}" for k, v in fields.items())
         logger.log(

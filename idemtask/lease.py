@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from idemtask.errors import StoreUnavailable
+from idemtask.events import Decision, emit
 from idemtask.store.base import Lease, Store
 
 logger = logging.getLogger("idemtask.lease")
@@ -93,6 +94,15 @@ class LeaseKeeper:
                     self._lose(held)
             return
         self.renewals += 1
+        emit(
+            Decision.RENEWED,
+            "",
+            "",
+            "",
+            duration=time.monotonic() - started,
+            leases=len(batch),
+            lost=answers.count(False),
+        )
         for held, ok in zip(batch, answers, strict=True):
             if ok:
                 held.renewed_at = started

@@ -1,0 +1,299 @@
+"""The ``idemtask`` command: inspect and forget records, count them, check a deployment, demo.
+
+Bad input gets one clear line and a non-zero exit; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import click
+
+from idemtask.config import Settings, resolve_settings
+from idemtask.errors import IdempotencyError
+from idemtask.findings import Finding, Level, has_errors
+from idemtask.runtime import open_store
+from idemtask.store.base import Record, State, Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_ERROR = 2
+
+
+class Fail(click.ClickException):
+    exit_code = EXIT_ERROR
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def friendly(fn: F) -> F:
+    """Turn expected failures into one line (tracebacks only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug")
+        try:
+            return fn(*args, **kwargs)
+        except Fail as exc:
+            if debug and exc.__cause__ is not None:
+                raise exc.__cause__ from None
+            raise
+        except (click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            raise Fail(str(exc) if isinstance(exc, IdempotencyError) else _describe(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@click.group()
+@click.option(
+    "--redis",
+    "redis_url",
+    envvar="IDEMTASK_REDIS_URL",
+    help="Store URL (default: settings, IDEMTASK_REDIS_URL, or the in-process store).",
+)
+@click.option("--prefix", "key_prefix", help="Record key prefix (default: idemtask).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, redis_url: str | None, key_prefix: str | None, debug: bool) -> None:
+    """idemtask: idempotent Celery tasks and Dramatiq actors."""
+    explicit = {k: v for k, v in (("redis_url", redis_url), ("key_prefix", key_prefix)) if v}
+    ctx.obj = explicit
+
+
+def _settings(ctx: click.Context) -> Settings:
+    try:
+        return resolve_settings(ctx.find_root().obj or {})
+    except IdempotencyError as exc:
+        raise Fail(str(exc)) from exc
+
+
+def _store(ctx: click.Context) -> Store:
+    settings = _settings(ctx)
+    if settings.uses_memory_store:
+        raise Fail(
+            "no store configured: pass --redis redis://host:6379/0 or set IDEMTASK_REDIS_URL"
+        )
+    store = open_store(settings)
+    store.ping()
+    return store
+
+
+def _time(ms: int) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _record_lines(record: Record) -> Iterator[str]:
+    yield f"key:          {record.key}"
+    yield f"state:        {record.state.value}"
+    yield f"task:         {record.task_name}"
+    yield f"task id:      {record.task_id}"
+    yield f"fencing token:{record.token:>2}"
+    if record.state is State.RUNNING:
+        yield f"holder:       {record.holder}"
+        yield f"lease until:  {_time(record.lease_until_ms)}"
+    yield f"deliveries:   {record.deliveries}"
+    if record.result is not None:
+        preview = record.result.data[:200].decode(errors="replace")
+        yield f"result:       {preview} ({len(record.result.data)} bytes)"
+    elif record.state is State.DONE:
+        yield "result:       (not stored)"
+    if record.error:
+        yield f"error:        {record.error}"
+    yield f"created:      {_time(record.created_ms)}"
+    yield f"updated:      {_time(record.updated_ms)}"
+    yield f"expires in:   {record.ttl_ms / 1000:.0f}s"
+
+
+@main.command()
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@click.pass_context
+@friendly
+def inspect(ctx: click.Context, key: str, as_json: bool) -> None:
+    """Show the record for KEY."""
+    record = _store(ctx).inspect(key)
+    if record is None:
+        raise Fail(f"no record for key {key}")
+    if as_json:
+        click.echo(json.dumps(_record_dict(record), indent=2))
+    else:
+        for line in _record_lines(record):
+            click.echo(line)
+
+
+def _record_dict(record: Record) -> dict[str, Any]:
+    return {
+        "key": record.key,
+        "state": record.state.value,
+        "task_name": record.task_name,
+        "task_id": record.task_id,
+        "token": record.token,
+        "holder": record.holder,
+        "lease_until_ms": record.lease_until_ms,
+        "deliveries": record.deliveries,
+        "has_result": record.result is not None,
+        "error": record.error,
+        "created_ms": record.created_ms,
+        "updated_ms": record.updated_ms,
+        "ttl_ms": record.ttl_ms,
+    }
+
+
+@main.command(name="list")
+@click.option("--task", "task_name", help="Only records of this task.")
+@click.option(
+    "--state",
+    type=click.Choice([s.value for s in State]),
+    help="Only records in this state.",
+)
+@click.option("--limit", default=100, show_default=True, help="Stop after this many records.")
+@click.pass_context
+@friendly
+def list_records(ctx: click.Context, task_name: str | None, state: str | None, limit: int) -> None:
+    """List records (SCAN in batches; never KEYS)."""
+    shown = 0
+    for record in _store(ctx).scan():
+        if task_name and record.task_name != task_name:
+            continue
+        if state and record.state.value != state:
+            continue
+        click.echo(f"{record.key}  {record.state.value:<8} {record.task_name}  {record.task_id}")
+        shown += 1
+        if shown >= limit:
+            click.echo(f"(stopped at --limit {limit})")
+            break
+    if shown == 0:
+        click.echo("no records")
+
+
+@main.command()
+@click.argument("key")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+@friendly
+def forget(ctx: click.Context, key: str, yes: bool) -> None:
+    """Delete the record for KEY, so the next call runs the task again."""
+    store = _store(ctx)
+    record = store.inspect(key)
+    if record is None:
+        raise Fail(f"no record for key {key}")
+    if record.state is State.RUNNING:
+        click.echo(f"warning: {key} is running as {record.task_id}", err=True)
+    if not yes:
+        click.confirm(
+            f"Forget {record.state.value} record {key} of {record.task_name}?", abort=True
+        )
+    store.forget(key)
+    click.echo(f"forgot {key}")
+
+
+@main.command()
+@click.option("--sample", default=10_000, show_default=True, help="Read at most this many records.")
+@click.pass_context
+@friendly
+def stats(ctx: click.Context, sample: int) -> None:
+    """Count records by state and by task (sampled on large stores)."""
+    by_state: Counter[str] = Counter()
+    by_task: Counter[tuple[str, str]] = Counter()
+    read = 0
+    for record in _store(ctx).scan():
+        by_state[record.state.value] += 1
+        by_task[(record.task_name, record.state.value)] += 1
+        read += 1
+        if read >= sample:
+            break
+    sampled = " (sampled: the first {read} records)" if read >= sample else ""
+    click.echo(f"records: {read}{sampled.format(read=read)}")
+    for state_name, count in sorted(by_state.items()):
+        click.echo(f"  {state_name:<8} {count}")
+    if by_task:
+        click.echo("by task:")
+        for (task, state_name), count in sorted(by_task.items()):
+            click.echo(f"  {task}  {state_name:<8} {count}")
+
+
+def load_object(spec: str) -> Any:
+    """Import ``module:attribute`` (or ``module.attribute``) as a worker would."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise Fail(f"expected module:attribute, got {spec!r}")
+    sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise Fail(f"cannot import {module_name}: {_describe(exc)}") from exc
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise Fail(f"{module_name} has no attribute {attr}") from None
+    return obj
+
+
+def print_findings(findings: list[Finding]) -> None:
+    colors = {Level.OK: "green", Level.WARNING: "yellow", Level.ERROR: "red"}
+    for finding in findings:
+        click.secho(str(finding), fg=colors[finding.level])
+    errors = sum(f.level is Level.ERROR for f in findings)
+    warnings = sum(f.level is Level.WARNING for f in findings)
+    click.echo(f"{len(findings)} checks: {errors} errors, {warnings} warnings")
+
+
+@main.command()
+@click.option("--celery", "celery_app", metavar="MODULE:APP", help="A Celery app to check.")
+@click.option(
+    "--dramatiq", "dramatiq_broker", metavar="MODULE:BROKER", help="A Dramatiq broker to check."
+)
+@click.pass_context
+@friendly
+def doctor(ctx: click.Context, celery_app: str | None, dramatiq_broker: str | None) -> None:
+    """Check the settings a worker will really use; exit 1 on errors."""
+    if not celery_app and not dramatiq_broker:
+        raise Fail("give --celery module:app or --dramatiq module:broker")
+    findings: list[Finding] = []
+    if celery_app:
+        from idemtask.celery import check_app
+
+        findings += check_app(load_object(celery_app))
+    if dramatiq_broker:
+        from idemtask.dramatiq import check_broker
+
+        findings += check_broker(load_object(dramatiq_broker))
+    print_findings(findings)
+    if has_errors(findings):
+        ctx.exit(1)
+
+
+@main.command()
+@click.option("--redis", "redis_url", help="Run on this Redis instead of the in-process store.")
+@click.pass_context
+@friendly
+def demo(ctx: click.Context, redis_url: str | None) -> None:
+    """Watch idemtask decide: duplicates, a replay, a busy copy, a crash and a takeover."""
+    from idemtask.demo import run_demo
+
+    ok = run_demo(redis_url or (ctx.find_root().obj or {}).get("redis_url"))
+    if not ok:
+        ctx.exit(1)

@@ -1,0 +1,1 @@
+"""Optional integrations, each importing its third-party package only when used."""
