@@ -1,0 +1,29 @@
+"""Test your own tasks under faults: an effect ledger, fault injection and the checks.
+
+Enable the fixtures with ``pytest -p idemtask.testing.plugin`` (or the ``idemtask`` entry
+point, which is registered when idemtask is installed).
+"""
+
+from idemtask.testing.checks import (
+    Report,
+    analyse,
+    assert_all_completed,
+    assert_no_overlap,
+    assert_no_run_after_completion,
+    assert_single_effect,
+)
+from idemtask.testing.faults import Faults, children
+from idemtask.testing.ledger import EffectLedger, Entry
+
+__all__ = [
+    "EffectLedger",
+    "Entry",
+    "Faults",
+    "Report",
+    "analyse",
+    "assert_all_completed",
+    "assert_no_overlap",
+    "assert_no_run_after_completion",
+    "assert_single_effect",
+    "children",
+]

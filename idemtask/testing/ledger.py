@@ -1,0 +1,161 @@
+"""The effect ledger: what the task bodies really did, recorded outside idemtask's store.
+
+Worker processes append to it; the test reads it back and checks the guarantees with
+:mod:`idemtask.testing.checks`. It lives in its own Redis list (use a Redis, or at least a
+database, that is not the store under test: the store may be killed and restarted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from idemtask import context
+from idemtask.events import Decision, Event, add_observer, remove_observer
+
+# The guard decisions the checks need, recorded with the token they concern.
+_OBSERVED = {
+    Decision.ACQUIRED,
+    Decision.TAKEOVER,
+    Decision.COMPLETED,
+    Decision.STALE_COMPLETION,
+    Decision.REPLAYED,
+    Decision.DEFERRED,
+    Decision.LEASE_LOST,
+    Decision.POISON,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One line of the ledger."""
+
+    kind: str  # "start", "end", "effect", "fenced_effect" or a guard decision value
+    key: str
+    attempt: str
+    token: int
+    at: float  # time.time() of the event; every process of a run shares one clock
+    pid: int
+    task_id: str = ""
+    ok: bool = True  # end: the body returned; fenced_effect: the write was accepted
+
+
+class EffectLedger:
+    """Append-only record of body starts and ends, side effects and guard decisions."""
+
+    def __init__(self, client: redis.Redis, name: str = "idemtask-ledger") -> None:
+        self.client = client
+        self.name = name
+
+    @property
+    def url(self) -> str:
+        """Where worker processes find this ledger (``EffectLedger.from_url(url, name)``)."""
+        kw = self.client.connection_pool.connection_kwargs
+        return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+    @classmethod
+    def from_url(cls, url: str, name: str = "idemtask-ledger") -> EffectLedger:
+        return cls(redis.Redis.from_url(url), name)
+
+    def _append(self, entry: Entry) -> None:
+        self.client.rpush(self.name, json.dumps(_asdict(entry)))
+
+    def record(
+        self,
+        kind: str,
+        *,
+        key: str,
+        attempt: str = "",
+        token: int = 0,
+        task_id: str = "",
+        ok: bool = True,
+        pid: int | None = None,
+    ) -> None:
+        """Append one entry; fault injectors record ``killed``/``stopped`` with the pid hit."""
+        pid = os.getpid() if pid is None else pid
+        self._append(Entry(kind, key, attempt, token, time.time(), pid, task_id, ok))
+
+    def _note(self, kind: str, execution: context.Execution, ok: bool = True) -> None:
+        self.record(
+            kind,
+            key=execution.key,
+            attempt=execution.attempt_id,
+            token=execution.fencing_token,
+            task_id=execution.task_id,
+            ok=ok,
+        )
+
+    @contextlib.contextmanager
+    def body(self) -> Iterator[context.Execution]:
+        """Wrap a task body: records its start and its end with the attempt and token."""
+        execution = context.current()
+        self._note("start", execution)
+        try:
+            yield execution
+        except BaseException:
+            self._note("end", execution, ok=False)
+            raise
+        self._note("end", execution)
+
+    def effect(self) -> None:
+        """A side effect of the running body (an e-mail sent, a card charged)."""
+        self._note("effect", context.current())
+
+    def fenced_effect(self) -> bool:
+        """A side effect written through the fencing token: a downstream store that keeps the
+        highest token per key and refuses lower or equal ones. True if it was accepted."""
+        execution = context.current()
+        fence = f"{self.name}:fence:{execution.key}"
+        accepted = bool(self.client.eval(_FENCED_WRITE, 1, fence, execution.fencing_token))
+        self._note("fenced_effect", execution, ok=accepted)
+        return accepted
+
+    def observe(self) -> None:
+        """Record this process's guard decisions too (call once in every worker process)."""
+        add_observer(self._on_event)
+
+    def stop_observing(self) -> None:
+        remove_observer(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        if event.decision not in _OBSERVED:
+            return
+        token = event.fields.get("token", 0)
+        self.record(
+            event.decision.value,
+            key=event.key,
+            token=token if isinstance(token, int) else 0,
+            task_id=event.task_id,
+        )
+
+    def entries(self) -> list[Entry]:
+        return [Entry(**json.loads(raw)) for raw in self.client.lrange(self.name, 0, -1)]
+
+    def clear(self) -> None:
+        self.client.delete(self.name)
+        for name in self.client.scan_iter(match=f"{self.name}:fence:*"):
+            self.client.delete(name)
+
+
+_FENCED_WRITE = """
+local seen = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) <= seen then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def _asdict(entry: Entry) -> dict[str, Any]:
+    return {name: getattr(entry, name) for name in Entry.__slots__}
+
+
+def new_ledger_name() -> str:
+    return f"idemtask-ledger-{uuid.uuid4().hex[:8]}"
