@@ -47,7 +47,7 @@ def friendly(fn: F) -> F:
             if debug and exc.__cause__ is not None:
                 raise exc.__cause__ from None
             raise
-        except (click.ClickException, click.Abort, SystemExit):
+        except (click.ClickException, click.Abort, click.exceptions.Exit, SystemExit):
             raise
         except Exception as exc:
             if debug:
