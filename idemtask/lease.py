@@ -54,7 +54,7 @@ class LeaseKeeper:
                     target=self._run, name="idemtask-lease-keeper", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            self._cond.notify()  # the new lease may be due sooner than the current wait
 
     def drop(self, attempt_id: str) -> None:
         with self._cond:
@@ -64,18 +64,29 @@ class LeaseKeeper:
         with self._cond:
             return [h.lease for h in self._held.values()]
 
-    def _interval(self) -> float:
-        return min(h.lease.lease_ms for h in self._held.values()) / 3000.0
-
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._held:
-                    self._cond.wait()
-                self._cond.wait(timeout=self._interval())
-                batch = list(self._held.values())
-            if batch:
-                self.renew_now(batch)
+                batch = self._due(time.monotonic())
+                while not batch:
+                    self._cond.wait(timeout=self._wait())
+                    batch = self._due(time.monotonic())
+            self.renew_now(batch)
+
+    def _due(self, now: float) -> list[_Held]:
+        """Nothing until one lease reaches a third of its length; then every lease past a
+        sixth of its own, so one round trip serves them all. A body shorter than a third of
+        its lease never costs a renewal."""
+        if not any(now - h.renewed_at >= h.lease.lease_ms / 3000 for h in self._held.values()):
+            return []
+        return [h for h in self._held.values() if now - h.renewed_at >= h.lease.lease_ms / 6000]
+
+    def _wait(self) -> float | None:
+        if not self._held:
+            return None
+        now = time.monotonic()
+        due_at = min(h.renewed_at + h.lease.lease_ms / 3000 for h in self._held.values())
+        return max(due_at - now, 0.001)
 
     def renew_now(self, batch: list[_Held] | None = None) -> None:
         """Renew ``batch`` (default: everything held) in one round trip."""
