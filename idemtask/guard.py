@@ -34,6 +34,9 @@ logger = logging.getLogger("idemtask")
 
 STORE_RETRY_DELAY = 5.0  # seconds a message waits when the store cannot be reached
 MIN_DEFER_DELAY = 0.25
+# A busy copy comes back at the latest when the holder's lease could have run out, but no
+# later than this: a holder that finishes early should not keep its duplicates waiting long.
+MAX_DEFER_DELAY = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +123,14 @@ class Guard:
 
     # -- enqueue -------------------------------------------------------------------------
 
-    def reserve(self, policy: Policy, call: Call, task_id: str) -> Existing | None:
-        """None: publish ``task_id``. An :class:`Existing`: hand back the original instead."""
+    def reserve(
+        self, policy: Policy, call: Call, task_id: str, *, delay: float = 0.0
+    ) -> Existing | None:
+        """None: publish ``task_id``. An :class:`Existing`: hand back the original instead.
+
+        ``delay`` is how long the message waits before delivery (countdown, ETA, delayed
+        send): its reservation lasts that much longer.
+        """
         if not policy.dedupe_enqueue:
             return None
         started = time.perf_counter()
@@ -131,7 +140,7 @@ class Guard:
                 task_id=task_id,
                 task_name=call.task_name,
                 fingerprint=call.fingerprint if policy.validate_payload else "",
-                reservation_ms=policy.reservation_ms,
+                reservation_ms=policy.reservation_ms + max(0, int(delay * 1000)),
                 ttl_ms=policy.result_ttl_ms,
             )
         except StoreUnavailable as exc:
@@ -211,7 +220,7 @@ class Guard:
             if policy.on_running == "wait" and remaining > 0:
                 time.sleep(min(left, remaining, _poll_interval(policy)))
                 continue
-            delay = min(left, policy.lease)
+            delay = min(left, policy.lease, MAX_DEFER_DELAY)
             emit(Decision.DEFERRED, call.task_name, call.key, task_id, delay=round(delay, 3))
             raise Deferred(delay, f"{call.key} is running as {outcome.task_id}")
 
@@ -243,6 +252,14 @@ class Guard:
             if policy.on_store_error == "run":
                 return None
             if policy.on_store_error == "defer":
+                emit(
+                    Decision.DEFERRED,
+                    call.task_name,
+                    call.key,
+                    task_id,
+                    delay=STORE_RETRY_DELAY,
+                    reason="store unavailable",
+                )
                 raise Deferred(STORE_RETRY_DELAY, "the idempotency store is unreachable") from None
             raise
         return outcome, attempt_id, time.perf_counter() - started

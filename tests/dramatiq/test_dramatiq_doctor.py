@@ -1,0 +1,135 @@
+"""``check_broker`` and the presets, on real brokers and a real store Redis."""
+
+from __future__ import annotations
+
+import uuid
+
+import dramatiq
+import pytest
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import Retries, TimeLimit
+from dramatiq.results import Results
+from dramatiq.results.backends import StubBackend
+
+from idemtask import ConfigurationError
+from idemtask.dramatiq import IdempotencyMiddleware, check_broker, presets
+from idemtask.findings import Level, has_errors
+
+pytestmark = pytest.mark.dramatiq
+
+
+def _levels(findings: list) -> dict[str, Level]:
+    worst: dict[str, Level] = {}
+    order = [Level.OK, Level.WARNING, Level.ERROR]
+    for f in findings:
+        if f.code not in worst or order.index(f.level) > order.index(worst[f.code]):
+            worst[f.code] = f.level
+    return worst
+
+
+def test_clean_setup_reports_ok_findings(fresh_redis) -> None:
+    store = fresh_redis(appendonly=True, config={"maxmemory-policy": "noeviction"})
+    preset = presets.at_least_once(lease=30, time_limit=120)
+    broker = RedisBroker(
+        url=store.url, namespace=f"d{uuid.uuid4().hex[:8]}", middleware=preset.middleware(),
+        **preset.redis_broker,
+    )  # fmt: skip
+    try:
+        broker.add_middleware(Results(backend=StubBackend()))
+        broker.add_middleware(
+            IdempotencyMiddleware(redis_url=store.url, **preset.idemtask), before=Retries
+        )
+
+        @dramatiq.actor(broker=broker, idempotent=True, store_results=True)
+        def job(x: int) -> int:
+            return x
+
+        findings = check_broker(broker)
+        levels = _levels(findings)
+        assert not has_errors(findings), [str(f) for f in findings]
+        assert all(level is Level.OK for level in levels.values()), [str(f) for f in findings]
+        for code in (
+            "dramatiq.middleware_order",
+            "dramatiq.results",
+            "dramatiq.time_limit",
+            "dramatiq.heartbeat_timeout",
+            "store.eviction",
+            "store.persistence",
+        ):
+            assert code in levels
+    finally:
+        broker.close()
+
+
+def test_misconfigurations_are_reported(fresh_redis, redis_url) -> None:
+    store = fresh_redis(config={"maxmemory-policy": "allkeys-lru"})
+    broker = RedisBroker(
+        url=redis_url, namespace=f"d{uuid.uuid4().hex[:8]}", heartbeat_timeout=5000
+    )
+    try:
+        broker.add_middleware(IdempotencyMiddleware(redis_url=store.url, lease=60))  # after Retries
+        for m in broker.middleware:
+            if isinstance(m, TimeLimit):
+                m.time_limit = float("inf")
+
+        @dramatiq.actor(broker=broker, idempotent=True, on_running="wait", wait_timeout=10)
+        def job(x: int) -> None: ...
+
+        levels = _levels(check_broker(broker))
+        assert levels["dramatiq.middleware_order"] is Level.ERROR
+        assert levels["dramatiq.results"] is Level.WARNING
+        assert levels["dramatiq.time_limit"] is Level.WARNING
+        assert levels["dramatiq.heartbeat_timeout"] is Level.WARNING
+        assert levels["store.eviction"] is Level.ERROR
+        assert levels["store.persistence"] is Level.WARNING
+    finally:
+        broker.close()
+
+
+def test_wait_policy_inside_time_limit_is_an_error(redis_url) -> None:
+    broker = StubBroker()
+    broker.add_middleware(IdempotencyMiddleware(redis_url=redis_url), before=Retries)
+
+    @dramatiq.actor(
+        broker=broker, idempotent=True, on_running="wait", wait_timeout=30, time_limit=5000
+    )
+    def job(x: int) -> None: ...
+
+    levels = _levels(check_broker(broker))
+    assert levels["dramatiq.time_limit"] is Level.ERROR
+
+
+def test_memory_store_with_a_real_broker_is_an_error(redis_url) -> None:
+    broker = RedisBroker(url=redis_url, namespace=f"d{uuid.uuid4().hex[:8]}")
+    try:
+        broker.add_middleware(IdempotencyMiddleware(), before=Retries)
+        assert _levels(check_broker(broker))["store.shared"] is Level.ERROR
+    finally:
+        broker.close()
+    stub = StubBroker()
+    stub.add_middleware(IdempotencyMiddleware(), before=Retries)
+    assert _levels(check_broker(stub))["store.shared"] is Level.OK
+
+
+def test_missing_middleware_is_an_error() -> None:
+    findings = check_broker(StubBroker())
+    assert [f.code for f in findings] == ["dramatiq.middleware"]
+    assert has_errors(findings)
+
+
+def test_presets_fit_the_lease() -> None:
+    preset = presets.at_least_once(lease=45, time_limit=300, result_ttl=30 * 86400)
+    assert preset.redis_broker["heartbeat_timeout"] > 45_000
+    assert preset.redis_broker["dead_message_ttl"] >= 30 * 86_400_000
+    assert preset.rabbitmq_consumer_timeout_ms > 300_000 + 45_000
+    assert preset.rabbitmq_conf == f"consumer_timeout = {preset.rabbitmq_consumer_timeout_ms}"
+    stack = preset.middleware()
+    limits = [m for m in stack if isinstance(m, TimeLimit)]
+    retries = [m for m in stack if isinstance(m, Retries)]
+    assert limits[0].time_limit == 300_000 and retries[0].max_retries == 10
+    assert [type(m) for m in stack] == list(dramatiq.middleware.default_middleware)
+    with pytest.raises(ConfigurationError, match="finite"):
+        presets.at_least_once(time_limit=float("inf"))
+    with pytest.raises(ConfigurationError, match="wait_timeout"):
+        presets.at_least_once(time_limit=10, wait_timeout=30)
