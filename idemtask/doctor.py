@@ -40,11 +40,14 @@ def check_store(settings: Settings, *, in_process_broker: bool = False) -> list[
             Finding(
                 Level.ERROR,
                 "store.reachable",
-                f"cannot reach the store at {settings.redis_url}: {exc}",
+                f"cannot reach the store at {_safe(settings.redis_url)}: {exc}",
                 "start Redis or fix redis_url",
             )
         ]
-    findings = [Finding(Level.OK, "store.reachable", f"store at {settings.redis_url} answers")]
+    findings = [
+        Finding(Level.OK, "store.shared", "a Redis store, shared by every worker"),
+        Finding(Level.OK, "store.reachable", f"store at {_safe(settings.redis_url)} answers"),
+    ]
     findings.append(_eviction(_text(memory.get("maxmemory_policy", "unknown"))))
     findings.append(_persistence(store, str(persistence.get("aof_enabled", 0)) == "1"))
     return findings
@@ -81,3 +84,11 @@ def _persistence(store: RedisStore, aof: bool) -> Finding:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for printing."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"

@@ -1,10 +1,15 @@
-"""Every exception idemtask raises; all of them subclass :class:`IdempotencyError`."""
+"""Every exception idemtask raises; all of them subclass ``IdempotencyError``."""
 
 from __future__ import annotations
 
 
 class IdempotencyError(Exception):
-    """Base class: ``except IdempotencyError`` catches anything idemtask raises."""
+    """Base class: ``except IdempotencyError`` catches anything idemtask raises.
+
+    Every subclass passes its constructor arguments to ``Exception`` (and builds its message
+    in ``__str__``), so it survives pickling and Celery's ``cls(*args)`` rebuilding: a
+    caller's ``.get()`` raises the same class the worker raised.
+    """
 
 
 class ConfigurationError(IdempotencyError, ValueError):
@@ -18,8 +23,12 @@ class KeyDerivationError(IdempotencyError, TypeError):
     """
 
     def __init__(self, message: str, path: str = "") -> None:
+        self.message = message
         self.path = path
-        super().__init__(f"{path}: {message}" if path else message)
+        super().__init__(message, path)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
 
 
 class DuplicateTaskError(IdempotencyError):
@@ -29,8 +38,12 @@ class DuplicateTaskError(IdempotencyError):
         self.key = key
         self.existing_task_id = existing_task_id
         self.state = state
-        super().__init__(
-            f"duplicate of task {existing_task_id} (state {state}) for idempotency key {key}"
+        super().__init__(key, existing_task_id, state)
+
+    def __str__(self) -> str:
+        return (
+            f"duplicate of task {self.existing_task_id} (state {self.state}) "
+            f"for idempotency key {self.key}"
         )
 
 
@@ -41,9 +54,12 @@ class AlreadyRunningError(IdempotencyError):
         self.key = key
         self.holder_task_id = holder_task_id
         self.retry_in = retry_in
-        super().__init__(
-            f"idempotency key {key} is running as task {holder_task_id}; "
-            f"its lease ends in {retry_in:.3f}s"
+        super().__init__(key, holder_task_id, retry_in)
+
+    def __str__(self) -> str:
+        return (
+            f"idempotency key {self.key} is running as task {self.holder_task_id}; "
+            f"its lease ends in {self.retry_in:.3f}s"
         )
 
 
@@ -53,8 +69,11 @@ class IdempotencyConflict(IdempotencyError):
     def __init__(self, key: str, existing_task_id: str) -> None:
         self.key = key
         self.existing_task_id = existing_task_id
-        super().__init__(
-            f"idempotency key {key} was first used by task {existing_task_id} "
+        super().__init__(key, existing_task_id)
+
+    def __str__(self) -> str:
+        return (
+            f"idempotency key {self.key} was first used by task {self.existing_task_id} "
             "with different arguments"
         )
 
@@ -67,7 +86,11 @@ class LeaseLostError(IdempotencyError):
 
     def __init__(self, key: str, message: str = "") -> None:
         self.key = key
-        super().__init__(message or f"lease on idempotency key {key} was lost to another attempt")
+        self.message = message
+        super().__init__(key, message)
+
+    def __str__(self) -> str:
+        return self.message or f"lease on idempotency key {self.key} was lost to another attempt"
 
 
 class TaskFailedError(IdempotencyError):
@@ -77,7 +100,10 @@ class TaskFailedError(IdempotencyError):
         self.key = key
         self.task_id = task_id
         self.error = error
-        super().__init__(f"task {task_id} for idempotency key {key} failed terminally: {error}")
+        super().__init__(key, task_id, error)
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} for idempotency key {self.key} failed terminally: {self.error}"
 
 
 class PoisonMessageError(TaskFailedError):
@@ -85,4 +111,8 @@ class PoisonMessageError(TaskFailedError):
 
 
 class StoreUnavailable(IdempotencyError):
-    """The record store cannot be reached; the message is kept, not acked away."""
+    """The record store cannot be reached.
+
+    With the default ``on_store_error="defer"`` a worker never raises it: the message is put
+    back for later instead of being acked away.
+    """

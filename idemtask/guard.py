@@ -126,7 +126,7 @@ class Guard:
     def reserve(
         self, policy: Policy, call: Call, task_id: str, *, delay: float = 0.0
     ) -> Existing | None:
-        """None: publish ``task_id``. An :class:`Existing`: hand back the original instead.
+        """None: publish ``task_id``. An ``Existing``: hand back the original instead.
 
         ``delay`` is how long the message waits before delivery (countdown, ETA, delayed
         send): its reservation lasts that much longer.
@@ -188,9 +188,9 @@ class Guard:
     # -- execute -------------------------------------------------------------------------
 
     def begin(self, policy: Policy, call: Call, task_id: str) -> Attempt | Replay:
-        """Decide one delivery: an :class:`Attempt` to run, or a :class:`Replay`.
+        """Decide one delivery: an ``Attempt`` to run, or a ``Replay``.
 
-        Raises :class:`Deferred` / :class:`Dropped` for the adapter to act on, and
+        Raises ``Deferred`` / ``Dropped`` for the adapter to act on, and
         AlreadyRunningError, TaskFailedError, IdempotencyConflict or StoreUnavailable.
         """
         deadline = time.monotonic() + policy.wait_timeout

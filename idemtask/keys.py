@@ -580,7 +580,7 @@ def derive_key(
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
 ) -> DerivedKey:
-    """Key a call from its bound ``arguments`` (see :func:`bind_arguments`).
+    """Key a call from its bound ``arguments`` (see ``bind_arguments``).
 
     ``args``/``kwargs`` are the call as made; only a callable ``spec`` uses them.
     """

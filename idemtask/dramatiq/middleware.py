@@ -7,8 +7,8 @@ Register it before Retries::
 Where each decision is taken, and why:
 
 * **Declaration** (``before_declare_actor``, and ``after_declare_actor`` for actors declared
-  before the middleware was added): options are validated into a :class:`Policy` and bad
-  values raise :class:`InvalidActorOptions` from the decorator. ``actor.fn`` is wrapped (so
+  before the middleware was added): options are validated into a ``Policy`` and bad
+  values raise ``InvalidActorOptions`` from the decorator. ``actor.fn`` is wrapped (so
   a replayed value is the actor's return value and flows through Results, Pipelines, group
   callbacks and ``on_success`` like any other) and ``actor.send_with_options`` is wrapped
   (so a duplicate ``send()`` can hand back the original message without a custom actor
@@ -72,6 +72,11 @@ logger = logging.getLogger("idemtask.dramatiq")
 KEY_OPTION = "idemtask_key"
 FINGERPRINT_OPTION = "idemtask_fingerprint"
 DEFERRALS_OPTION = "idemtask_deferrals"
+#: Actor options, by the policy option each sets. Dramatiq's Results middleware already owns
+#: ``result_ttl`` (milliseconds), so idemtask's (seconds) is ``idempotency_result_ttl`` here.
+ACTOR_OPTIONS = {
+    ("idempotency_result_ttl" if name == "result_ttl" else name): name for name in POLICY_OPTIONS
+}
 #: The per-send option for a caller-given key: ``send_with_options(idempotency_key="...")``.
 EXPLICIT_KEY_OPTION = "idempotency_key"
 
@@ -135,7 +140,7 @@ class IdempotencyMiddleware(Middleware):
 
     @property
     def actor_options(self) -> set[str]:
-        return set(POLICY_OPTIONS)
+        return set(ACTOR_OPTIONS)
 
     @property
     def guard(self) -> Guard:
@@ -156,7 +161,7 @@ class IdempotencyMiddleware(Middleware):
 
     def _configure(self, actor: dramatiq.Actor[Any, Any]) -> None:
         name = actor.actor_name
-        options = {k: v for k, v in actor.options.items() if k in POLICY_OPTIONS}
+        options = {ACTOR_OPTIONS[k]: v for k, v in actor.options.items() if k in ACTOR_OPTIONS}
         enabled = options.pop("idempotent", self.default_idempotent)
         source = f"actor {name}"
         try:

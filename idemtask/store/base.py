@@ -173,5 +173,5 @@ class Store(Protocol):
         ...
 
     def ping(self) -> None:
-        """Raise :class:`~idemtask.errors.StoreUnavailable` when the store cannot be reached."""
+        """Raise ``StoreUnavailable`` when the store cannot be reached."""
         ...

@@ -89,3 +89,24 @@ def test_django_settings_layer() -> None:
     ).stdout.split()
     # framework beats Django; Django beats the environment.
     assert out == ["7.0", "redis://django:6379/0", "99.0", "42.0"]
+
+
+def test_errors_survive_pickling_and_rebuilding_from_args() -> None:
+    """Celery rebuilds a task's exception as ``cls(*args)`` in the caller's process."""
+    import pickle
+
+    from idemtask import errors
+
+    samples = [
+        errors.KeyDerivationError("cannot encode value of type object", "order.items[3]"),
+        errors.DuplicateTaskError("k", "t1", "queued"),
+        errors.AlreadyRunningError("k", "t1", 1.5),
+        errors.IdempotencyConflict("k", "t1"),
+        errors.LeaseLostError("k"),
+        errors.TaskFailedError("k", "t1", "KeyError: 'x'"),
+        errors.PoisonMessageError("k", "t1", "poison: 5 deliveries ended without a result"),
+    ]
+    for error in samples:
+        for copy in (pickle.loads(pickle.dumps(error)), type(error)(*error.args)):
+            assert type(copy) is type(error) and str(copy) == str(error)
+            assert vars(copy) == vars(error)

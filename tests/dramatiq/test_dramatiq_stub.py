@@ -405,6 +405,21 @@ def test_default_idempotent_setting(stub_env, counters) -> None:
     assert (counters.get("guarded"), counters.get("opted_out")) == (1, 2)
 
 
+def test_result_ttl_stays_dramatiqs_own_option(stub_env) -> None:
+    """Results reads ``result_ttl`` in ms; idemtask's seconds go by another actor option."""
+    env = stub_env(result_ttl=7200)
+
+    @dramatiq.actor(idempotent=True, result_ttl=500)
+    def dramatiq_ttl_only(x: int) -> None: ...
+
+    @dramatiq.actor(idempotent=True, idempotency_result_ttl=3600, result_ttl=500)
+    def both(x: int) -> None: ...
+
+    first, second = (env.middleware.policy_for(n) for n in ("dramatiq_ttl_only", "both"))
+    assert first is not None and first.result_ttl == 7200  # the middleware default
+    assert second is not None and second.result_ttl == 3600
+
+
 def test_bad_options_fail_at_declaration(stub_env) -> None:
     stub_env()
     with pytest.raises(ConfigurationError, match="on_running"):

@@ -1,0 +1,101 @@
+"""Where a Celery task's idemtask policy comes from: the task's own options over
+``app.conf.idemtask`` over Django ``settings.IDEMTASK`` over ``IDEMTASK_*`` variables."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Celery, Task
+
+from idemtask.celery.codec import CelerySerializerCodec
+from idemtask.config import Settings, resolve_settings
+from idemtask.errors import ConfigurationError
+from idemtask.keys import validate_key_spec
+from idemtask.policy import POLICY_OPTIONS, Policy
+
+CONF_NAME = "idemtask"
+#: Celery's own tasks (chord_unlock, backend_cleanup, ...) are never guarded, even when
+#: ``task_cls=IdempotentTask`` makes every task of the app an IdempotentTask.
+BUILTIN_PREFIX = "celery."
+
+_UNSET: Any = object()
+_lock = threading.Lock()
+_settings: weakref.WeakKeyDictionary[Celery, tuple[dict[str, Any], Settings]] = (
+    weakref.WeakKeyDictionary()
+)
+_codecs: dict[str, CelerySerializerCodec] = {}
+
+
+def app_settings(app: Celery) -> Settings:
+    """The app's resolved settings, recomputed only when ``app.conf.idemtask`` changes."""
+    raw = app.conf.get(CONF_NAME) or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(f"app.conf.{CONF_NAME} must be a dict, got {type(raw).__name__}")
+    with _lock:
+        cached = _settings.get(app)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+    settings = resolve_settings(framework=raw, framework_name=f"app.conf.{CONF_NAME}")
+    with _lock:
+        _settings[app] = (dict(raw), settings)
+    return settings
+
+
+def task_options(task_class: type[Task]) -> dict[str, Any]:
+    """The policy options declared on the task class (decorator kwargs become attributes).
+
+    Read statically so a callable ``idempotency_key`` is the function itself, not a method
+    bound to the task: users need not wrap it in ``staticmethod``.
+    """
+    options: dict[str, Any] = {}
+    for name in POLICY_OPTIONS:
+        value = inspect.getattr_static(task_class, name, _UNSET)
+        if value is _UNSET:
+            continue
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        options[name] = value
+    return options
+
+
+def task_policy(task: Task) -> Policy | None:
+    """The task's validated policy, or None when it is not guarded (``idempotent=False`` or
+    one of Celery's own tasks). Cached on the task class per settings object."""
+    task_class = type(task)
+    settings = app_settings(task.app)
+    cached = task_class.__dict__.get("_idemtask_cached")
+    if cached is not None and cached[0] is settings:
+        policy: Policy | None = cached[1]
+        return policy
+    policy = resolve_policy(task, settings)
+    type.__setattr__(task_class, "_idemtask_cached", (settings, policy))
+    return policy
+
+
+def resolve_policy(task: Task, settings: Settings) -> Policy | None:
+    """Merge and validate, raising ConfigurationError that names the task."""
+    name = task.name or task_class_name(task)
+    if name.startswith(BUILTIN_PREFIX):
+        return None
+    policy = settings.defaults.with_options(task_options(type(task)), source=f"task {name}")
+    if not policy.idempotent:
+        return None
+    validate_key_spec(task.run, policy.idempotency_key, task_name=name)
+    return policy
+
+
+def task_class_name(task: Task) -> str:
+    return f"{type(task).__module__}.{type(task).__qualname__}"
+
+
+def codec_for(app: Celery) -> CelerySerializerCodec:
+    """One codec per result serializer: the one the app's result backend uses."""
+    serializer = str(app.conf.result_serializer or "json")
+    codec = _codecs.get(serializer)
+    if codec is None:
+        codec = _codecs[serializer] = CelerySerializerCodec(serializer)
+    return codec

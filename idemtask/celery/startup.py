@@ -1,0 +1,59 @@
+"""Worker start-up: validate every idempotent task's options before the first message, and
+warn when the store cannot protect anything across processes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery, Task
+from celery.signals import worker_init
+
+from idemtask.celery.config import app_settings, resolve_policy
+from idemtask.errors import ConfigurationError
+
+logger = logging.getLogger("idemtask.celery")
+
+
+def idempotent_tasks(app: Celery) -> list[Task]:
+    """The app's registered IdempotentTask instances, sorted by name."""
+    from idemtask.celery.task import IdempotentTask
+
+    return sorted(
+        (task for task in app.tasks.values() if isinstance(task, IdempotentTask)),
+        key=lambda task: str(task.name),
+    )
+
+
+def validate_app(app: Celery) -> None:
+    """Resolve the settings and every task's policy; one ConfigurationError lists them all."""
+    settings = app_settings(app)
+    problems: list[str] = []
+    for task in idempotent_tasks(app):
+        try:
+            resolve_policy(task, settings)
+        except ConfigurationError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigurationError("invalid idemtask configuration:\n  " + "\n  ".join(problems))
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is None or not idempotent_tasks(app):
+        return  # an app in this process that does not use idemtask
+    try:
+        validate_app(app)
+    except ConfigurationError as err:
+        logger.critical("%s", err)
+        # Celery logs and swallows ordinary exceptions from signal handlers; a worker that
+        # would fail every guarded task must not start.
+        raise SystemExit(f"idemtask: {err}") from err
+    if app_settings(app).uses_memory_store and not app.conf.task_always_eager:
+        logger.warning(
+            "idemtask: no redis_url in app.conf.idemtask: the in-process MemoryStore guards "
+            "nothing across worker processes or restarts; set redis_url for real workers"
+        )
+
+
+worker_init.connect(_on_worker_init, weak=False, dispatch_uid="idemtask.celery.worker_init")

@@ -1,0 +1,117 @@
+"""Helpers for the Celery adapter tests: database URLs, in-process workers, worker
+processes, polling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+
+
+@dataclass(frozen=True)
+class Urls:
+    base: str
+
+    def db(self, number: int) -> str:
+        return f"{self.base.rsplit('/', 1)[0]}/{number}"
+
+    @property
+    def broker(self) -> str:
+        return self.db(0)
+
+    @property
+    def backend(self) -> str:
+        return self.db(1)
+
+    @property
+    def store(self) -> str:
+        return self.db(2)
+
+    @property
+    def counter(self) -> str:
+        return self.db(3)
+
+
+@contextmanager
+def running_worker(app: Celery, pool: str = "threads", concurrency: int = 2) -> Iterator[Any]:
+    """A worker inside this process (celery.contrib.testing), stopped on exit."""
+    with start_worker(
+        app,
+        pool=pool,
+        concurrency=concurrency,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=30,
+    ) as worker:
+        yield worker
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.05)
+
+
+class WorkerProcess:
+    """``celery -A celery_testapp worker --pool=prefork`` as a subprocess, configured by
+    ``ITEST_*`` variables; its log is kept for failure messages."""
+
+    def __init__(self, urls: Urls, tmp: Path, *, store_url: str, visibility: float = 30) -> None:
+        self.log = tmp / "worker.log"
+        env = dict(os.environ)
+        env.update(
+            ITEST_BROKER=urls.broker,
+            ITEST_BACKEND=urls.backend,
+            ITEST_STORE=store_url,
+            ITEST_COUNTER=urls.counter,
+            ITEST_VISIBILITY=str(visibility),
+            PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT), env.get("PYTHONPATH", "")]),
+        )
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "celery_testapp",
+            "worker",
+            "--pool=prefork",
+            "-c",
+            "2",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            f"--logfile={self.log}",
+        ]
+        self.proc = subprocess.Popen(command, env=env, cwd=HERE, start_new_session=True)
+        wait_for(lambda: self.log.exists() and "ready." in self.log.read_text(), 30, "worker")
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)

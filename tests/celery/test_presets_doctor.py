@@ -1,0 +1,161 @@
+"""The at-least-once preset, and the doctor that checks what a worker would really use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from idemtask.celery import IdempotentTask, check_app, presets
+from idemtask.errors import ConfigurationError
+from idemtask.findings import Finding, Level, has_errors
+
+from servers import RedisServer
+
+pytestmark = pytest.mark.celery
+
+
+def test_at_least_once_is_the_documented_dict() -> None:
+    assert presets.SPLIT_ACKS  # this suite runs Celery 5.7
+    assert presets.at_least_once(600) == {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_retry_on_worker_lost": False,
+        "task_acks_on_failure": True,
+        "task_acks_on_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_track_started": True,
+        "broker_transport_options": {"visibility_timeout": 600},
+        "result_backend_transport_options": {"visibility_timeout": 600},
+    }
+    retrying = presets.at_least_once(retry_on_worker_lost=True)
+    assert retrying["task_retry_on_worker_lost"] is True
+    assert retrying["task_reject_on_worker_lost"] is False
+    with pytest.raises(ConfigurationError):
+        presets.at_least_once(0)
+
+
+def test_apply_merges_transport_options() -> None:
+    app = Celery("merge", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.broker_transport_options = {"global_keyprefix": "shop:", "visibility_timeout": 5}
+    presets.apply(app, visibility_timeout=900)
+    assert app.conf.broker_transport_options == {
+        "global_keyprefix": "shop:",
+        "visibility_timeout": 900,
+    }
+    assert app.conf.result_backend_transport_options == {"visibility_timeout": 900}
+    assert app.conf.task_acks_late is True
+    assert app.conf.worker_prefetch_multiplier == 1
+
+
+def _app(
+    broker: str, backend: str, idemtask_conf: dict[str, Any], lease: float = 120, **conf: Any
+) -> Celery:
+    app = Celery(
+        "doctor", broker=broker, backend=backend, task_cls=IdempotentTask, set_as_current=False
+    )
+    app.conf.update(idemtask=idemtask_conf, **conf)
+
+    @app.task(shared=False, name="d.charge", lease=lease, time_limit=60)
+    def charge(order_id: str) -> None: ...
+
+    @app.task(shared=False, name="d.plain", idempotent=False)
+    def plain() -> None: ...
+
+    return app
+
+
+def problems(findings: list[Finding]) -> dict[str, Level]:
+    return {f.code: f.level for f in findings if f.level is not Level.OK}
+
+
+def test_doctor_passes_a_preset_applied_app(
+    fresh_redis: Callable[..., RedisServer],
+) -> None:
+    store = fresh_redis(appendonly=True)
+    app = _app(
+        "redis://127.0.0.1:6399/0",
+        "redis://127.0.0.1:6399/1",
+        {"redis_url": store.url, "result_ttl": 3600},
+        lease=30,  # within the task's 60 s time limit
+        task_time_limit=300,
+        result_expires=86400,
+    )
+    presets.apply(app, visibility_timeout=900)
+    findings = check_app(app)
+    assert problems(findings) == {}, "\n".join(map(str, findings))
+    codes = [f.code for f in findings]
+    for code in (
+        "celery.task_options",
+        "celery.acks_late",
+        "celery.worker_lost",
+        "celery.prefetch",
+        "celery.visibility_timeout",
+        "celery.lease",
+        "celery.result_expires",
+        "celery.beat",
+        "store.shared",
+        "store.reachable",
+        "store.eviction",
+        "store.persistence",
+        "celery.preset",
+    ):
+        assert code in codes
+
+
+def test_doctor_finds_each_problem(fresh_redis: Callable[..., RedisServer]) -> None:
+    store = fresh_redis()  # no AOF, no snapshots
+    client = store.client()
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    client.close()
+    app = _app(
+        "redis://127.0.0.1:6399/0",
+        "redis://127.0.0.1:6399/1",
+        {"redis_url": store.url, "result_ttl": 7200},
+        task_acks_late=True,
+        worker_prefetch_multiplier=4,
+        broker_transport_options={"visibility_timeout": 90},
+        result_expires=600,
+        beat_schedule={"nightly": {"task": "d.charge", "schedule": 86400, "args": ("o",)}},
+    )
+    findings = check_app(app)
+    found = problems(findings)
+    assert found == {
+        "celery.worker_lost": Level.WARNING,
+        "celery.prefetch": Level.WARNING,
+        "celery.visibility_timeout": Level.WARNING,  # lease 120 s, retry delay 180 s > 90 s
+        "celery.lease": Level.WARNING,  # lease 120 s > time limit 60 s
+        "celery.result_expires": Level.WARNING,
+        "store.eviction": Level.ERROR,
+        "store.persistence": Level.WARNING,
+        "celery.preset": Level.WARNING,
+        "celery.beat": Level.WARNING,
+    }, "\n".join(map(str, findings))
+    text = {f.code: str(f) for f in findings}
+    assert "allkeys-lru" in text["store.eviction"]
+    assert "lease of d.charge (120s)" in text["celery.visibility_timeout"]
+    assert "default_retry_delay of d.charge (180s)" in text["celery.visibility_timeout"]
+
+
+def test_doctor_errors_on_memory_store_and_early_acks() -> None:
+    app = _app("redis://127.0.0.1:6399/0", "redis://127.0.0.1:6399/1", {})
+    findings = check_app(app)
+    found = problems(findings)
+    assert found["store.shared"] is Level.ERROR
+    assert found["celery.acks_late"] is Level.ERROR
+    assert has_errors(findings)
+    eager = _app("memory://", "cache+memory://", {}, task_always_eager=True)
+    assert "store.shared" not in problems(check_app(eager))
+
+
+def test_doctor_reports_invalid_task_options() -> None:
+    app = _app("memory://", "cache+memory://", {})
+
+    @app.task(shared=False, name="d.bad", idempotency_key=("nope",))
+    def bad(order_id: str) -> None: ...
+
+    found = problems(check_app(app))
+    assert found["celery.task_options"] is Level.ERROR
