@@ -159,6 +159,13 @@ class IdempotentTask(Task):  # type: ignore[misc]
             _release_current(task_id, Retry("retry requested"))
         passthrough = resubmit or _passes_through(link, link_error, options)
         headers = dict(options.pop("headers", None) or {})
+
+        def publish() -> Any:
+            return super(IdempotentTask, self).apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow,
+                headers=headers, **options,
+            )  # fmt: skip
+
         try:
             call = self._enqueue_call(policy, args, kwargs, headers, explicit)
         except KeyDerivationError:
@@ -167,17 +174,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
             # A canvas step sent by a worker (its arguments include the previous result):
             # refusing it here would break the workflow silently; the execute side raises
             # the same error as this task's failure, where errbacks see it.
-            return super().apply_async(
-                args,
-                kwargs,
-                task_id,
-                producer,
-                link,
-                link_error,
-                shadow,
-                headers=headers,
-                **options,
-            )
+            return publish()
         headers[KEY_HEADER] = call.key
         headers[FINGERPRINT_HEADER] = call.fingerprint
         fixed_id = task_id is not None
@@ -192,17 +189,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
                 # and waits on that id: publish, and the execute guard replays under it.
                 passthrough = True
         try:
-            return super().apply_async(
-                args,
-                kwargs,
-                task_id,
-                producer,
-                link,
-                link_error,
-                shadow,
-                headers=headers,
-                **options,
-            )
+            return publish()
         except BaseException:
             if not passthrough:
                 guard.cancel(call, task_id)
