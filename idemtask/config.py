@@ -15,18 +15,29 @@ from idemtask.errors import ConfigurationError
 from idemtask.policy import POLICY_OPTIONS, Policy
 
 ENV_PREFIX = "IDEMTASK_"
-STORE_SETTINGS = frozenset({"redis_url", "key_prefix"})
+STORE_SETTINGS = frozenset({"redis_url", "key_prefix", "wait_replicas", "wait_timeout_ms"})
 ALL_SETTINGS = STORE_SETTINGS | POLICY_OPTIONS
 MEMORY_URL = "memory://"
+URL_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "redis+sentinel://",
+    MEMORY_URL,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Where records live and the defaults every task's :class:`Policy` starts from."""
+    """Where records live and the defaults every task's ``Policy`` starts from."""
 
     redis_url: str = MEMORY_URL
     key_prefix: str = "idemtask"
     defaults: Policy = field(default_factory=Policy)
+    wait_replicas: int = 0  # replicas that must confirm each completion (Redis WAIT)
+    wait_timeout_ms: int = 100  # how long a completion waits for them
 
     @property
     def uses_memory_store(self) -> bool:
@@ -57,17 +68,34 @@ def resolve_settings(
         )
     redis_url = store.get("redis_url") or MEMORY_URL
     key_prefix = store.get("key_prefix", "idemtask")
-    if not isinstance(redis_url, str) or not redis_url.startswith(
-        ("redis://", "rediss://", "unix://", "redis+sentinel://", MEMORY_URL)
-    ):
+    if not isinstance(redis_url, str) or not redis_url.startswith(URL_SCHEMES):
         raise ConfigurationError(
-            f"redis_url must be a redis://, rediss://, unix:// or memory:// URL, got {redis_url!r}"
+            "redis_url must be a redis://, rediss://, unix://, redis+cluster://, "
+            f"rediss+cluster://, redis+sentinel:// or memory:// URL, got {redis_url!r}"
         )
     if not isinstance(key_prefix, str) or not key_prefix or "{" in key_prefix:
         raise ConfigurationError(
             f"key_prefix must be a non-empty string without braces, got {key_prefix!r}"
         )
-    return Settings(redis_url=redis_url, key_prefix=key_prefix, defaults=policy)
+    return Settings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        defaults=policy,
+        wait_replicas=_count(store.get("wait_replicas", 0), "wait_replicas", minimum=0),
+        # WAIT with a timeout of 0 blocks until the replicas answer, however long that takes.
+        wait_timeout_ms=_count(store.get("wait_timeout_ms", 100), "wait_timeout_ms", minimum=1),
+    )
+
+
+def _count(value: Any, name: str, *, minimum: int) -> int:
+    """An int of at least ``minimum`` (environment values arrive as strings)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = minimum - 1
+    if isinstance(value, (bool, float)) or number < minimum:
+        raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return number
 
 
 def _reject_unknown(layer: Mapping[str, Any], source: str) -> None:
@@ -91,7 +119,7 @@ def _from_django() -> Mapping[str, Any]:
     """Read ``settings.IDEMTASK`` only when Django is imported and configured."""
     if "django" not in sys.modules:
         return {}
-    from django.conf import settings  # type: ignore[import-not-found, unused-ignore]
+    from django.conf import settings  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
     if not settings.configured:
         return {}

@@ -12,20 +12,32 @@ from idemtask.store.memory import MemoryStore
 from idemtask.store.redis import RedisStore
 
 _lock = threading.Lock()
-_guards: dict[tuple[int, str, str], Guard] = {}
+_guards: dict[tuple[int, str, str, int, int], Guard] = {}
 _memory = MemoryStore()  # the embedded default: one per process
 
 
 def open_store(settings: Settings) -> Store:
-    """The store ``settings`` name: ``memory://`` is this process's shared MemoryStore."""
+    """The store ``settings`` name: ``memory://`` is this process's shared MemoryStore; any
+    other URL (single server, ``redis+cluster://``, ``redis+sentinel://``) a RedisStore."""
     if settings.uses_memory_store:
         return _memory
-    return RedisStore.from_url(settings.redis_url, prefix=settings.key_prefix)
+    return RedisStore.from_url(
+        settings.redis_url,
+        prefix=settings.key_prefix,
+        wait_replicas=settings.wait_replicas,
+        wait_timeout_ms=settings.wait_timeout_ms,
+    )
 
 
 def guard_for(settings: Settings) -> Guard:
     """The process's guard for these settings (created lazily, again after a fork)."""
-    ident = (os.getpid(), settings.redis_url, settings.key_prefix)
+    ident = (
+        os.getpid(),
+        settings.redis_url,
+        settings.key_prefix,
+        settings.wait_replicas,
+        settings.wait_timeout_ms,
+    )
     with _lock:
         guard = _guards.get(ident)
         if guard is None:

@@ -2,20 +2,30 @@
 
 A record is one hash at ``{prefix}:{<key>}``; the braces are a Redis Cluster hash tag, so a
 script only ever touches one slot. Lease times come from the server's ``TIME``.
+
+The same store runs on a single server, on Redis Cluster (give it a ``RedisCluster`` or a
+``redis+cluster://`` URL) and behind Sentinel (a ``redis+sentinel://`` URL); see
+``docs/scaling.md``. A failover can lose writes the old primary had not yet replicated;
+``wait_replicas`` makes ``complete`` wait for replicas and warn when they do not confirm.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
 from importlib import resources
 from typing import Any, TypeVar
 
 import redis
+from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
 from idemtask.errors import StoreUnavailable
 from idemtask.store.base import Lease, Outcome, Record, State, Status, StoredResult
+from idemtask.store.cluster import cluster_client, is_cluster_url, is_sentinel_url, sentinel_client
 
 T = TypeVar("T")
 
@@ -26,8 +36,15 @@ _UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.ReadOnlyError,
     redis.exceptions.ClusterDownError,
     redis.exceptions.TryAgainError,
+    # Cluster topology changing under a call (a failover in progress):
+    redis.exceptions.ClusterError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.SlotNotCoveredError,
 )
 _OPERATIONS = ("reserve", "cancel", "acquire", "renew", "complete", "release")
+_REDIRECT_RETRIES = 3
+
+logger = logging.getLogger("idemtask.store")
 
 
 @cache
@@ -38,20 +55,62 @@ def script_source(name: str) -> str:
 
 
 class RedisStore:
-    """The production store. Give it a ``redis.Redis`` (or cluster) client or a URL."""
+    """The production store. Give it a ``redis.Redis``, a ``RedisCluster`` or a URL.
 
-    def __init__(self, client: redis.Redis | Any, *, prefix: str = "idemtask") -> None:
+    ``wait_replicas=N`` sends ``WAIT N wait_timeout_ms`` right after a successful
+    ``complete`` on the same connection (same round trip): the completion is then on N
+    replicas and survives a failover to one of them. When fewer replicas confirm in time the
+    completion is still COMPLETED (it is recorded on the primary, and the task's side effects
+    already happened: raising would only make the caller retry a finished task); the store
+    logs a warning and counts it in ``wait_shortfalls``.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster | Any,
+        *,
+        prefix: str = "idemtask",
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+    ) -> None:
+        if wait_replicas < 0 or wait_timeout_ms < 1:
+            # WAIT n 0 would block until the replicas answer, however long that takes.
+            raise ValueError("wait_replicas must be >= 0 and wait_timeout_ms >= 1")
         self.client = client
         self.prefix = prefix
+        self.is_cluster = isinstance(client, RedisCluster)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.wait_shortfalls = 0  # completions fewer replicas confirmed than asked
+        self._lock = threading.Lock()
         self._scripts: dict[str, Script] = {
             name: client.register_script(script_source(name)) for name in _OPERATIONS
         }
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "idemtask", **client_options: Any) -> RedisStore:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "idemtask",
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+        **client_options: Any,
+    ) -> RedisStore:
+        """Build the client the URL names: ``redis://``, ``rediss://``, ``unix://``,
+        ``redis+cluster://`` / ``rediss+cluster://`` (seed nodes) or ``redis+sentinel://``."""
         options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
         options.update(client_options)
-        return cls(redis.Redis.from_url(url, **options), prefix=prefix)
+        client: redis.Redis | RedisCluster
+        if is_cluster_url(url):
+            client = cluster_client(url, **options)
+        elif is_sentinel_url(url):
+            client = sentinel_client(url, **options)
+        else:
+            client = redis.Redis.from_url(url, **options)
+        return cls(
+            client, prefix=prefix, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms
+        )
 
     def record_name(self, key: str) -> str:
         return f"{self.prefix}:{{{key}}}"
@@ -144,6 +203,8 @@ class RedisStore:
     def renew_many(self, leases: Sequence[Lease]) -> list[bool]:
         if not leases:
             return []
+        if self.is_cluster:
+            return self._renew_many_cluster(leases)
         script = self._scripts["renew"]
 
         def send() -> list[Any]:
@@ -151,14 +212,7 @@ class RedisStore:
             # a second round trip on every renewal.
             pipe = self.client.pipeline(transaction=False)
             for lease in leases:
-                pipe.evalsha(
-                    script.sha,
-                    1,
-                    self.record_name(lease.key),
-                    lease.attempt_id,
-                    lease.token,
-                    lease.lease_ms,
-                )
+                pipe.evalsha(*self._renew_args(script, lease))
             answers = list(pipe.execute(raise_on_error=False))
             if any(isinstance(a, redis.exceptions.NoScriptError) for a in answers):
                 self.client.script_load(script.script)
@@ -170,6 +224,62 @@ class RedisStore:
 
         return [bool(int(answer)) for answer in _guarded(send)]
 
+    def _renew_args(self, script: Script, lease: Lease) -> tuple[Any, ...]:
+        name = self.record_name(lease.key)
+        return (script.sha, 1, name, lease.attempt_id, lease.token, lease.lease_ms)
+
+    def _renew_many_cluster(self, leases: Sequence[Lease]) -> list[bool]:
+        """Group the leases by the node that serves their slot (the client's slot table, no
+        round trip) and pipeline each group to its node: one round trip per node.
+
+        redis-py's cluster pipeline is not used: for EVALSHA it asks a node for the keys
+        of every command (COMMAND GETKEYS) before sending, one extra round trip each.
+        """
+        script = self._scripts["renew"]
+        cluster: Any = self.client
+        answers: dict[int, bool] = {}
+
+        def answers_pending() -> list[int]:
+            return [i for i in range(len(leases)) if i not in answers]
+
+        def send(pending: list[int], attempts: int) -> None:
+            groups: dict[str, tuple[Any, list[int]]] = {}
+            for i in pending:
+                node = cluster.get_node_from_key(self.record_name(leases[i].key))
+                groups.setdefault(node.name, (node, []))[1].append(i)
+            redirected: list[int] = []
+            for node, indexes in groups.values():
+                target = cluster.get_redis_connection(node)
+                replies = self._pipeline_node(target, script, [leases[i] for i in indexes])
+                for i, reply in zip(indexes, replies, strict=True):
+                    if isinstance(reply, redis.exceptions.AskError):  # MOVED or ASK
+                        redirected.append(i)
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    else:
+                        answers[i] = bool(int(reply))
+            if redirected:
+                if attempts <= 0:
+                    raise redis.exceptions.TryAgainError("slots kept moving during renew_many")
+                self._refresh_topology()
+                send(redirected, attempts - 1)
+
+        def run() -> None:  # a retry after a connection error sends only what is left
+            send(answers_pending(), _REDIRECT_RETRIES)
+
+        _guarded(partial(self._on_cluster_nodes, run))
+        return [answers[i] for i in range(len(leases))]
+
+    def _pipeline_node(self, target: Any, script: Script, leases: Sequence[Lease]) -> list[Any]:
+        pipe = target.pipeline(transaction=False)
+        for lease in leases:
+            pipe.evalsha(*self._renew_args(script, lease))
+        replies = list(pipe.execute(raise_on_error=False))
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+            target.script_load(script.script)  # this node lost its scripts (restart, failover)
+            return self._pipeline_node(target, script, leases)
+        return replies
+
     def complete(
         self,
         key: str,
@@ -180,9 +290,11 @@ class RedisStore:
         result_ttl_ms: int,
     ) -> Outcome:
         has_result = "0" if result is None else "1"
-        reply = self._call(
-            "complete", key, attempt_id, token, has_result, result or b"", result_ttl_ms
-        )
+        args = (attempt_id, token, has_result, result or b"", result_ttl_ms)
+        if self.wait_replicas:
+            reply = self._complete_and_wait(key, args)
+        else:
+            reply = self._call("complete", key, *args)
         status = Status(_text(reply[0]))
         if status is Status.COMPLETED:
             return Outcome(status, task_id=_text(reply[1]), state=State.DONE)
@@ -212,13 +324,91 @@ class RedisStore:
             return Outcome(status, task_id=_text(reply[1]), state=state)
         return Outcome(status, task_id=_text(reply[1]), state=_state(reply[2]))
 
+    def _complete_and_wait(self, key: str, args: tuple[Any, ...]) -> Any:
+        """EVALSHA complete + WAIT pipelined on one connection to the key's primary.
+
+        WAIT counts replicas that acknowledged this connection's last write, so it must go
+        on the connection that ran the script; the pipeline keeps it one round trip.
+        """
+        name = self.record_name(key)
+        script = self._scripts["complete"]
+
+        def send(attempts: int = _REDIRECT_RETRIES) -> tuple[Any, int]:
+            target = self._primary_client(name)
+            pipe = target.pipeline(transaction=False)
+            pipe.evalsha(script.sha, 1, name, *args)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            reply, acked = pipe.execute(raise_on_error=False)
+            if isinstance(reply, redis.exceptions.NoScriptError):
+                # Nothing was written, so that WAIT had nothing new to wait for (it returns
+                # at once unless the replicas are behind on older writes).
+                target.script_load(script.script)
+                return send(attempts)
+            if isinstance(reply, redis.exceptions.AskError) and attempts > 0:
+                # MOVED (a failover promoted another node) or ASK: find the owner again.
+                self._refresh_topology()
+                return send(attempts - 1)
+            for answer in (reply, acked):
+                if isinstance(answer, Exception):
+                    raise answer
+            return reply, int(acked)
+
+        reply, acked = _guarded(partial(self._on_cluster_nodes, send))
+        if _text(reply[0]) == Status.COMPLETED.value and acked < self.wait_replicas:
+            with self._lock:
+                self.wait_shortfalls += 1
+            logger.warning(
+                "completion of %s confirmed by %d of %d replica(s) within %d ms: a failover "
+                "now could lose it",
+                name,
+                acked,
+                self.wait_replicas,
+                self.wait_timeout_ms,
+            )
+        return reply
+
+    def _primary_client(self, name: str) -> Any:
+        """A client bound to the node that serves ``name`` (the client itself off-cluster)."""
+        if not self.is_cluster:
+            return self.client
+        cluster: Any = self.client
+        return cluster.get_redis_connection(cluster.get_node_from_key(name))
+
+    def _on_cluster_nodes(self, op: Callable[[], T]) -> T:
+        """Run ``op``, which talks to cluster nodes directly. A node that cannot be reached
+        may be a primary that failed over: read the slot table again and try once more (as
+        redis-py does for single commands), then give up. A completion retried after its
+        reply was lost answers STALE with the recorded result, which the guard replays."""
+        if not self.is_cluster:
+            return op()
+        try:
+            return op()
+        except redis.exceptions.ConnectionError:
+            self._refresh_topology()
+        try:
+            return op()
+        except _UNAVAILABLE:
+            self._refresh_topology()
+            raise
+
+    def _refresh_topology(self) -> None:
+        if self.is_cluster:
+            cluster: Any = self.client
+            # If this fails too, the next call tries again.
+            with contextlib.suppress(
+                redis.exceptions.RedisError, redis.exceptions.RedisClusterException
+            ):
+                cluster.nodes_manager.initialize()
+
     # -- admin ---------------------------------------------------------------------------
 
     def inspect(self, key: str) -> Record | None:
         name = self.record_name(key)
 
         def read() -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
+            # One slot, so one node and one round trip either way; MULTI is not portable
+            # across the redis-py versions' cluster pipelines, and this is an admin read.
+            pipe = self.client.pipeline(transaction=not self.is_cluster)
             pipe.hgetall(name)
             pipe.pttl(name)
             return list(pipe.execute())
@@ -230,12 +420,21 @@ class RedisStore:
         return bool(_guarded(lambda: self.client.delete(self.record_name(key))))
 
     def scan(self, *, batch: int = 500) -> Iterator[Record]:
+        """Every record: SCAN on the server, or on every primary of a cluster in turn."""
+        if not self.is_cluster:
+            yield from self._scan_node(self.client, batch)
+            return
+        cluster: Any = self.client
+        for node in _guarded(cluster.get_primaries):
+            yield from self._scan_node(cluster.get_redis_connection(node), batch)
+
+    def _scan_node(self, client: Any, batch: int) -> Iterator[Record]:
         match = f"{self.prefix}:{{*}}"
         cursor: Any = 0
         start = len(self.prefix) + 2
         while True:
             page: tuple[Any, list[Any]] = _guarded(
-                partial(self.client.scan, cursor=cursor, match=match, count=batch)
+                partial(client.scan, cursor=cursor, match=match, count=batch)
             )
             cursor, names = page
             for name in names:
