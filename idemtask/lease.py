@@ -7,6 +7,7 @@ marked lost, which the body sees as ``idemtask.current().lease_lost``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -42,6 +43,9 @@ class LeaseKeeper:
         self._cond = threading.Condition()
         self._held: dict[str, _Held] = {}
         self._thread: threading.Thread | None = None
+        # When the keeper wakes up on its own (inf: not until notified; -inf: it is awake
+        # and reads the held leases before it waits again, so a notify would be wasted).
+        self._wake_at = -math.inf
         self.renewals = 0  # round trips made, for metrics and tests
 
     def hold(self, lease: Lease, on_lost: Callable[[], None]) -> None:
@@ -54,7 +58,11 @@ class LeaseKeeper:
                     target=self._run, name="idemtask-lease-keeper", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()  # the new lease may be due sooner than the current wait
+            # Wake the keeper only when this lease is due before it would wake anyway: a
+            # lease as long as the ones held never is, so a busy worker does not switch
+            # threads on every task.
+            if time.monotonic() + lease.lease_ms / 3000 < self._wake_at:
+                self._cond.notify()
 
     def drop(self, attempt_id: str) -> None:
         with self._cond:
@@ -69,7 +77,11 @@ class LeaseKeeper:
             with self._cond:
                 batch = self._due(time.monotonic())
                 while not batch:
-                    self._cond.wait(timeout=self._wait())
+                    timeout = self._wait()
+                    now = time.monotonic()
+                    self._wake_at = math.inf if timeout is None else now + timeout
+                    self._cond.wait(timeout=timeout)
+                    self._wake_at = -math.inf
                     batch = self._due(time.monotonic())
             self.renew_now(batch)
 

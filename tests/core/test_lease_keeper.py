@@ -103,3 +103,52 @@ def test_forked_child_starts_its_own_keeper(redis_url: str) -> None:
     # The child does not renew (or release) its parent's leases, and renews its own.
     assert (inherited_count, renewed, rival) == (0, True, "busy")
     assert [lease.key for lease in _inherited.held()] == ["parent"]
+
+
+def test_a_worker_taking_task_after_task_does_not_wake_the_keeper_each_time(
+    redis_url: str,
+) -> None:
+    """Waking the renewal thread costs a thread switch: a lease as long as the ones before
+    it is never due sooner than the keeper's next wake-up, so holding it must not notify."""
+    store = RedisStore.from_url(redis_url)
+    keeper = LeaseKeeper(store)
+    notified: list[int] = []
+    cond = keeper._cond
+    real_notify = cond.notify
+
+    def notify(n: int = 1) -> None:
+        notified.append(n)
+        real_notify(n)
+
+    cond.notify = notify  # type: ignore[method-assign]
+    for i in range(50):
+        lease = Lease(f"k{i}", f"a{i}", 1, 60_000)
+        keeper.hold(lease, lambda: None)
+        time.sleep(0.002)  # the keeper gets to run and settle into its wait
+        keeper.drop(lease.attempt_id)
+    assert len(notified) <= 2
+
+
+def test_a_shorter_lease_held_later_is_still_renewed_in_time(redis_url: str) -> None:
+    store = RedisStore.from_url(redis_url)
+    keeper = LeaseKeeper(store)
+    long = _acquire(store, "long", "a-long", 60_000)
+    keeper.hold(long, lambda: None)
+    time.sleep(0.05)  # the keeper now waits ~20 s for the long lease
+    short = _acquire(store, "short", "a-short", 300)
+    lost: list[str] = []
+    keeper.hold(short, lambda: lost.append("short"))
+    time.sleep(1.0)
+    out = store.acquire(
+        "short",
+        task_id="x",
+        attempt_id="rival",
+        task_name="n",
+        fingerprint="",
+        lease_ms=300,
+        max_deliveries=5,
+        ttl_ms=60_000,
+    )
+    assert out.status is Status.BUSY
+    assert lost == []
+    assert keeper.renewals >= 3
