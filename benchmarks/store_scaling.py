@@ -31,8 +31,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from idemtask.store import RedisStore, Status
+from idemtask.testing.servers import RedisServer
 
-from servers import RedisServer
 from servers_cluster import LocalCluster
 
 TTL_MS = 600_000

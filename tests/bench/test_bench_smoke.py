@@ -1,0 +1,83 @@
+"""The benchmark suite at tiny sizes: it runs end to end against real servers and workers,
+and the Redis command counts it reports hold. Timings are not asserted: on a shared
+machine they are noise at these sizes; ``python -m benchmarks`` measures them properly."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `benchmarks` lives at the repository root, beside `idemtask`
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.__main__ import Sizes, main, run  # noqa: E402
+from benchmarks.report import render, rows  # noqa: E402
+
+pytestmark = [pytest.mark.bench, pytest.mark.celery, pytest.mark.dramatiq, pytest.mark.slow]
+
+TINY = Sizes(
+    celery_calls=40,
+    celery_rounds=1,
+    dramatiq_calls=40,
+    dramatiq_rounds=1,
+    enqueue_calls=20,
+    execute_calls=20,
+    command_tasks=10,
+    memory_records=500,
+    key_loops=20,
+)
+
+
+@pytest.mark.timeout(120)
+def test_every_section_runs_and_the_command_counts_hold() -> None:
+    results = run(TINY)
+
+    commands = results["commands"]
+    for path, expected in {
+        "unique task": 3,
+        "duplicate enqueue": 1,
+        "cached replay": 1,
+        "deferred duplicate": 1,
+    }.items():
+        assert commands[path]["sent"] == {"evalsha": expected * TINY.command_tasks}, path
+    assert commands["celery-once unique task"]["sent_per_task"] == 2
+    assert commands["celery-singleton unique task"]["sent_per_task"] == 2
+
+    # End to end, counted on the store's server across publisher and worker processes.
+    celery = {r["variant"]: r for r in results["celery"]}
+    assert celery["plain Task"]["store_commands_per_task"] == 0
+    assert celery["IdempotentTask, unique keys"]["store_commands_sent"] == {
+        "evalsha": 3 * TINY.celery_calls
+    }
+    half = celery["IdempotentTask, 50% duplicates"]
+    assert half["executed"] == TINY.celery_calls // 2
+    # 3 per executed task, 1 per duplicate call.
+    assert half["store_commands_sent"] == {"evalsha": 3 * half["executed"] + half["executed"]}
+    dramatiq = {r["variant"]: r for r in results["dramatiq"]}
+    assert dramatiq["plain actor"]["store_commands_per_task"] == 0
+    assert dramatiq["IdempotencyMiddleware, unique keys"]["store_commands_sent"] == {
+        "evalsha": 3 * TINY.dramatiq_calls
+    }
+
+    memory = results["memory"]
+    assert memory["bulk_sample_memory_usage"] == [memory["memory_usage_one_record"]]
+
+    table = render(results)
+    assert "IdempotentTask / plain Task throughput" in table
+    assert all(row.figure for row in rows(results))
+
+
+def test_the_command_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["--quick", "--only", "keys", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert [row["payload"] for row in figures["keys"]] == [
+        "1 scalar",
+        "5 arguments",
+        "nested dict, 50 values",
+    ]
+    assert "key derivation, 5 arguments" in capsys.readouterr().out
