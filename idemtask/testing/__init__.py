@@ -1,7 +1,7 @@
 """Test your own tasks under faults: an effect ledger, fault injection and the checks.
 
-Enable the fixtures with ``pytest -p idemtask.testing.plugin`` (or the ``idemtask`` entry
-point, which is registered when idemtask is installed).
+The fixtures are there as soon as idemtask is installed (pytest entry point ``idemtask``);
+``pytest -p no:idemtask`` turns them off.
 """
 
 from idemtask.testing.checks import (
@@ -10,6 +10,7 @@ from idemtask.testing.checks import (
     assert_all_completed,
     assert_no_overlap,
     assert_no_run_after_completion,
+    assert_no_stale_completion,
     assert_single_effect,
 )
 from idemtask.testing.faults import Faults, children
@@ -24,6 +25,7 @@ __all__ = [
     "assert_all_completed",
     "assert_no_overlap",
     "assert_no_run_after_completion",
+    "assert_no_stale_completion",
     "assert_single_effect",
     "children",
 ]

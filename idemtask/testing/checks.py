@@ -1,6 +1,6 @@
 """The guarantees, checked against an effect ledger.
 
-Each ``assert_*`` raises AssertionError listing every violation; :func:`analyse` returns the
+Each ``assert_*`` raises AssertionError listing every violation; ``analyse`` returns the
 figures (for reports) without asserting.
 """
 
@@ -38,6 +38,13 @@ class Report:
     lost: list[str] = field(default_factory=list)
     overlaps: list[str] = field(default_factory=list)
     runs_after_completion: list[str] = field(default_factory=list)
+    #: Bodies of a frozen holder that began after the key's completion: their acquire came
+    #: before it (a lower token), they lost their lease, and their completion was rejected.
+    resumed_after_completion: int = 0
+    #: Keys whose ``completed`` entry is missing but which were replayed: the completing
+    #: process died between the store write and the ledger write.
+    completions_seen_by_replay: int = 0
+    stale_accepted: list[str] = field(default_factory=list)
     double_completions: list[str] = field(default_factory=list)
     repeated_effects: list[str] = field(default_factory=list)
     unexplained_repeats: list[str] = field(default_factory=list)
@@ -54,8 +61,11 @@ class Report:
             "takeovers": self.takeovers,
             "stale completions rejected": self.stale_rejected,
             "lost": len(self.lost),
+            "completions seen only through replays": self.completions_seen_by_replay,
             "overlaps": len(self.overlaps),
             "runs after completion": len(self.runs_after_completion),
+            "frozen bodies resumed after completion": self.resumed_after_completion,
+            "stale completions accepted": len(self.stale_accepted),
             "double completions": len(self.double_completions),
             "repeated effects": len(self.repeated_effects),
             "repeated effects not explained by a crash": len(self.unexplained_repeats),
@@ -85,6 +95,8 @@ def _attempts(entries: Sequence[Entry]) -> dict[str, list[_Attempt]]:
 
 
 def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
+    """Every figure and violation of the ledger; ``keys`` are the keys that must complete
+    (by default, every key the ledger mentions)."""
     report = Report()
     by_kind: dict[str, list[Entry]] = defaultdict(list)
     for entry in entries:
@@ -104,7 +116,16 @@ def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
     report.deferred = len(by_kind["deferred"])
     report.takeovers = len(by_kind["takeover"])
     report.stale_rejected = len(by_kind["stale_completion"])
-    report.lost = sorted(k for k in expected if k not in completions)
+    # A replay is proof that the store recorded a completion: the completing process may have
+    # been killed after its store write and before its own ``completed`` entry reached the
+    # ledger (the guard emits the decision after the write).
+    replays: dict[str, list[Entry]] = defaultdict(list)
+    for entry in by_kind["replayed"]:
+        replays[entry.key].append(entry)
+    report.lost = sorted(k for k in expected if k not in completions and k not in replays)
+    report.completions_seen_by_replay = sum(
+        1 for k in expected if k not in completions and k in replays
+    )
     report.double_completions = sorted(k for k, v in completions.items() if len(v) > 1)
 
     for key, key_runs in runs.items():
@@ -118,14 +139,20 @@ def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
                     f"{key}: token {earlier.token} ran until {earlier.end} while token "
                     f"{later.token} started at {later.start}"
                 )
-        if key in completions:
-            done_at = min(e.at for e in completions[key])
-            for run in key_runs:
-                if run.start > done_at:
-                    report.runs_after_completion.append(
-                        f"{key}: token {run.token} started {run.start - done_at:.3f}s after "
-                        "the completion"
-                    )
+        done_at, done_token = _completed_by(completions.get(key, []), replays.get(key, []))
+        for run in key_runs:
+            if run.start <= done_at:
+                continue
+            # Tokens only grow, so a lower token was acquired before the completing
+            # attempt's: that holder froze between its acquire and its body's first entry.
+            # It is no new run as long as it lost its lease (and its completion was
+            # rejected); anything else started after the completion is a violation.
+            if run.token < done_token and (key, run.token) in stale_tokens:
+                report.resumed_after_completion += 1
+                continue
+            report.runs_after_completion.append(
+                f"{key}: token {run.token} started {run.start - done_at:.3f}s after the completion"
+            )
         effects = [r for r in key_runs if r.effects]
         if len(effects) > 1:
             report.repeated_effects.append(key)
@@ -136,6 +163,24 @@ def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
             if any(r.token in completed_tokens for r in earlier_effects):
                 report.unexplained_repeats.append(key)
 
+    # A completion is stale when a higher token had already been handed out for its key: the
+    # store must have rejected it.
+    acquired_tokens: dict[str, list[Entry]] = defaultdict(list)
+    for entry in by_kind["acquired"] + by_kind["takeover"] + by_kind["start"]:
+        acquired_tokens[entry.key].append(entry)
+    for key, done in completions.items():
+        for completion in done:
+            newer = [
+                e.token
+                for e in acquired_tokens.get(key, [])
+                if e.token > completion.token and e.at < completion.at
+            ]
+            if newer:
+                report.stale_accepted.append(
+                    f"{key}: token {completion.token} completed after token {max(newer)} "
+                    "had acquired the key"
+                )
+
     highest: dict[str, int] = {}
     for entry in sorted(by_kind["fenced_effect"], key=lambda e: e.at):
         if not entry.ok:
@@ -145,6 +190,18 @@ def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
             report.stale_fenced_writes_accepted.append(f"{entry.key}: token {entry.token}")
         highest[entry.key] = max(entry.token, highest.get(entry.key, 0))
     return report
+
+
+def _completed_by(completions: list[Entry], replays: list[Entry]) -> tuple[float, float]:
+    """When a key's completion was recorded at the latest, and by which token: the first
+    ``completed`` entry, else the first replay (the completion came before it, by a token
+    we do not know, so any stale token counts as lower)."""
+    if completions:
+        first = min(completions, key=lambda e: e.at)
+        return first.at, float(first.token)
+    if replays:
+        return min(e.at for e in replays), float("inf")
+    return float("inf"), 0.0
 
 
 def _fail(what: str, problems: list[str]) -> None:
@@ -159,6 +216,12 @@ def assert_all_completed(entries: Sequence[Entry], keys: Iterable[str]) -> None:
     report = analyse(entries, keys)
     _fail("keys never completed", report.lost)
     _fail("keys completed twice", report.double_completions)
+
+
+def assert_no_stale_completion(entries: Sequence[Entry]) -> None:
+    """No completion was accepted from an attempt after a newer attempt (a higher fencing
+    token) had taken its key over: a stale holder never records its value."""
+    _fail("stale completions accepted", analyse(entries).stale_accepted)
 
 
 def assert_no_overlap(entries: Sequence[Entry]) -> None:

@@ -1,7 +1,7 @@
 """The effect ledger: what the task bodies really did, recorded outside idemtask's store.
 
 Worker processes append to it; the test reads it back and checks the guarantees with
-:mod:`idemtask.testing.checks`. It lives in its own Redis list (use a Redis, or at least a
+``checks``. It lives in its own Redis list (use a Redis, or at least a
 database, that is not the store under test: the store may be killed and restarted).
 """
 
@@ -136,8 +136,10 @@ class EffectLedger:
             task_id=event.task_id,
         )
 
-    def entries(self) -> list[Entry]:
-        return [Entry(**json.loads(raw)) for raw in self.client.lrange(self.name, 0, -1)]
+    def entries(self, start: int = 0) -> list[Entry]:
+        """Every entry, or those from index ``start`` on (to follow a running ledger without
+        reading it all again)."""
+        return [Entry(**json.loads(raw)) for raw in self.client.lrange(self.name, start, -1)]
 
     def clear(self) -> None:
         self.client.delete(self.name)

@@ -1,12 +1,12 @@
-"""pytest plugin: ``pytest -p idemtask.testing.plugin`` (also registered as ``idemtask``).
+"""pytest plugin, loaded through the ``idemtask`` entry point when idemtask is installed.
 
 Fixtures:
 
 * ``idemtask_redis``: a real ``redis-server`` for the store (session; restart it freely);
-* ``idemtask_store``: a :class:`~idemtask.store.RedisStore` on it, emptied for each test;
-* ``effect_ledger``: an :class:`~idemtask.testing.EffectLedger` on a second Redis, so that
+* ``idemtask_store``: a ``RedisStore`` on it, emptied for each test;
+* ``effect_ledger``: an ``EffectLedger`` on a second Redis, so that
   faults on the store's server never touch the evidence;
-* ``faults``: a :class:`~idemtask.testing.Faults` writing to that ledger, seeded by
+* ``faults``: a ``Faults`` writing to that ledger, seeded by
   ``--idemtask-seed``.
 """
 

@@ -1,0 +1,614 @@
+"""Run one chaos scenario end to end and measure it from the effect ledger.
+
+A scenario starts its own servers (a broker, the store's ``redis-server`` with the
+append-only file on, a second ``redis-server`` for the ledger), real worker processes and two
+producer processes, injects a seeded schedule of faults while the workload runs, waits until
+every key is completed and the system has gone quiet, then analyses the ledger with
+``analyse`` and reads every key's record back from the store.
+
+Faults (each written to the ledger):
+
+* ``kill``: SIGKILL of a worker process that is inside a body (a Celery pool child, or a
+  Dramatiq worker process, which the runner replaces, as a supervisor would);
+* ``kill_after_end``: SIGKILL of a process after its body's completion was recorded and
+  before the broker ack (the jobs planned to linger wait there);
+* ``stop``: SIGSTOP of a process inside a body for longer than its lease and than the
+  broker's redelivery delay, then SIGCONT: another worker takes the key over, and the frozen
+  holder's completion must be rejected as stale;
+* ``store_restart``: the store's ``redis-server`` stopped (alternately SIGTERM and SIGKILL),
+  down for a second, and started again on its append-only file;
+* ``broker_restart``: RabbitMQ stopped and started again (RabbitMQ scenario).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from idemtask.store.base import State
+from idemtask.store.redis import RedisStore
+from idemtask.testing.chaos import workload
+from idemtask.testing.checks import Report, analyse
+from idemtask.testing.faults import Faults, children
+from idemtask.testing.ledger import EffectLedger, Entry
+from idemtask.testing.servers import RabbitMQServer, RedisServer
+
+#: Seconds without a RabbitMQ heartbeat after which the server drops a frozen consumer:
+#: the client asks for this interval, the server closes after about two missed beats.
+RABBITMQ_HEARTBEAT = 2
+#: Dramatiq's RedisBroker heartbeat timeout used by the scenario (see dramatiq_app).
+REDIS_BROKER_HEARTBEAT = 3.0
+#: A process continued after a stop is not killed again for this long, so that the stale
+#: completion of its frozen body is seen (a kill would hide it).
+SPARE_AFTER_CONT = 4.0
+#: Seconds a RabbitMQ restart usually takes here (it blocks the fault schedule).
+BROKER_RESTART_ESTIMATE = 10.0
+#: How long an ``acking`` entry counts as "lingering now" (the linger is 0.3 s).
+ACKING_WINDOW = 0.2
+#: A body is a target for a kill or a stop while it has at least this long left to run.
+BODY_MARGIN = 0.05
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Scenario:
+    """What to run. ``kills`` includes ``kills_after_end``; faults and submissions are spread
+    over ``duration`` seconds."""
+
+    framework: str  # "celery" or "dramatiq"
+    broker: str = "redis"  # "redis", or "rabbitmq" for Dramatiq
+    keys: int = 60
+    seed: int = 1
+    kills: int = 3
+    kills_after_end: int = 1
+    stops: int = 1
+    store_restarts: int = 1
+    broker_restarts: int = 0
+    duration: float = 20.0
+    lease: float = 2.0
+    visibility: float = 6.0  # Celery's Redis visibility timeout
+    timeout: float = 600.0  # give up (and report the keys not completed) after this
+    workdir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.framework, self.broker) not in SCENARIOS:
+            raise ValueError(f"no scenario {self.framework}/{self.broker}; have {SCENARIOS}")
+        if self.broker_restarts and self.broker != "rabbitmq":
+            raise ValueError("broker restarts are part of the RabbitMQ scenario only")
+        if self.kills_after_end > self.kills:
+            raise ValueError("kills_after_end is part of kills")
+
+    @property
+    def name(self) -> str:
+        return f"{self.framework}-{self.broker}"
+
+    @property
+    def redelivery_delay(self) -> float:
+        """Seconds until the broker hands a frozen or dead worker's message to another."""
+        if self.framework == "celery":
+            return self.visibility + 1.0  # + the unacked restore interval
+        if self.broker == "redis":
+            return REDIS_BROKER_HEARTBEAT + 1.0
+        return 3 * RABBITMQ_HEARTBEAT
+
+    @property
+    def stop_seconds(self) -> float:
+        """Long enough for the lease to run out and the message to reach another worker."""
+        return self.redelivery_delay + self.lease + 3.0
+
+    @property
+    def quiet(self) -> float:
+        """Seconds without a ledger entry after which the run is over: any redelivery still
+        due would have come by then."""
+        return self.redelivery_delay + self.lease + 2.0
+
+    def schedule(self) -> list[str]:
+        """The faults in their order of preference: kills between completion and ack first
+        (their target, a lingering delivery, is the rarest), then kills and stops in a seeded
+        order, server restarts last.
+
+        Kills and stops need a body to hit, and bodies thin out towards the end of a run (the
+        last submissions are mostly copies of completed keys, which are replayed); restarts
+        need no target. When a fault is due, the first one in this order that has a target
+        goes.
+        """
+        rng = random.Random(f"schedule-{self.seed}")
+        hits = ["kill"] * (self.kills - self.kills_after_end) + ["stop"] * self.stops
+        restarts = ["store_restart"] * self.store_restarts
+        restarts += ["broker_restart"] * self.broker_restarts
+        rng.shuffle(hits)
+        rng.shuffle(restarts)
+        return ["kill_after_end"] * self.kills_after_end + hits + restarts
+
+
+SCENARIOS = (("celery", "redis"), ("dramatiq", "redis"), ("dramatiq", "rabbitmq"))
+
+
+@dataclass
+class Result:
+    """What a scenario did and what the ledger and the store say about it."""
+
+    scenario: str
+    seed: int
+    keys: int
+    messages: int  # submissions accepted by the broker
+    seconds: float
+    faults: Counter[str]
+    skipped_faults: list[str]
+    report: Report
+    store_not_done: list[str]  # keys whose record is not ``done`` at the end
+    fault_log: list[str] = field(default_factory=list)
+
+    def figures(self) -> dict[str, Any]:
+        figures: dict[str, Any] = {
+            "scenario": self.scenario,
+            "seed": self.seed,
+            "keys": self.keys,
+            "messages": self.messages,
+            "seconds": round(self.seconds, 1),
+            "kills mid-body": self.faults["kill"],
+            "kills between completion and ack": self.faults["kill_after_end"],
+            "stops": self.faults["stop"],
+            "store restarts": self.faults["store_restart"],
+            "broker restarts": self.faults["broker_restart"],
+            "faults skipped (no target)": len(self.skipped_faults),
+            "store records not done": len(self.store_not_done),
+        }
+        figures.update(self.report.as_dict())
+        return figures
+
+    @property
+    def violations(self) -> dict[str, list[str]]:
+        """Every broken guarantee, by name; empty when the run was clean."""
+        report = self.report
+        found = {
+            "lost": report.lost,
+            "store records not done": self.store_not_done,
+            "overlaps": report.overlaps,
+            "runs after completion": report.runs_after_completion,
+            "double completions": report.double_completions,
+            "stale completions accepted": report.stale_accepted,
+            "repeats not explained by a crash": report.unexplained_repeats,
+            "stale fenced writes accepted": report.stale_fenced_writes_accepted,
+        }
+        return {name: items for name, items in found.items() if items}
+
+
+class _Follower:
+    """Reads the ledger as it grows: who is inside a body, who is between completion and
+    ack, which keys are completed."""
+
+    def __init__(self, ledger: EffectLedger, body_seconds: dict[str, float]) -> None:
+        self.ledger = ledger
+        self.body_seconds = body_seconds  # the plan's body length, by the plan's key name
+        self.read = 0
+        self.length: dict[str, float] = {}  # body length by the guard's key
+        self.bodies: dict[int, dict[str, float]] = {}  # pid -> key -> start of its body
+        self.acking: dict[int, float] = {}
+        self.completed: set[str] = set()
+        self.submitted = 0
+        self.producers_done = 0
+        self.ready: set[int] = set()
+        self.changed = time.monotonic()
+
+    def poll(self) -> None:
+        new = self.ledger.entries(self.read)
+        if not new:
+            return
+        self.read += len(new)
+        self.changed = time.monotonic()
+        for entry in new:
+            self._take(entry)
+
+    def _take(self, entry: Entry) -> None:
+        kind = entry.kind
+        if kind == "start":
+            self.bodies.setdefault(entry.pid, {})[entry.key] = entry.at
+        elif kind == "end":
+            self.bodies.get(entry.pid, {}).pop(entry.key, None)
+        elif kind == "killed":
+            self.bodies.pop(entry.pid, None)
+            self.acking.pop(entry.pid, None)
+        elif kind == "acking":
+            self.acking[entry.pid] = entry.at
+        elif kind in ("completed", "replayed"):
+            # A replay proves a completion whose own entry may have died with its process.
+            self.completed.add(entry.key)
+        elif kind == "submitted":
+            self.submitted += 1
+            self.length[entry.key] = self.body_seconds.get(entry.attempt, 0.0)
+        elif kind == "producer_done":
+            self.producers_done += 1
+        elif kind == "ready":
+            self.ready.add(entry.pid)
+
+    def in_body(self, pids: list[int]) -> list[int]:
+        """Processes with a body that, by the plan, still has ``BODY_MARGIN`` to run: the
+        ledger is read a little late, and a body about to end would make a kill or a stop
+        land after its completion instead of inside it."""
+        now = time.time()
+        return [
+            pid
+            for pid in pids
+            if any(
+                started + self.length.get(key, 0.0) - now > BODY_MARGIN
+                for key, started in self.bodies.get(pid, {}).items()
+            )
+        ]
+
+    def lingering(self, pids: list[int]) -> list[int]:
+        now = time.time()
+        return [pid for pid in pids if now - self.acking.get(pid, 0.0) < ACKING_WINDOW]
+
+
+class ChaosRun:
+    """One scenario's servers, processes and fault loop. Use ``run_scenario``."""
+
+    def __init__(self, scenario: Scenario, log: Log) -> None:
+        self.scenario = scenario
+        self.log = log
+        self.dir = scenario.workdir or Path(tempfile.mkdtemp(prefix=f"idemtask-{scenario.name}-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._own_dir = scenario.workdir is None
+        self.namespace = f"chaos{uuid.uuid4().hex[:8]}"
+        self.broker_redis: RedisServer | None = None
+        self.rabbitmq: RabbitMQServer | None = None
+        self.store = RedisServer(appendonly=True, appendfsync="always")
+        self.ledger_server = RedisServer()
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.producers: list[subprocess.Popen[bytes]] = []
+        self.faults_done: Counter[str] = Counter()
+        self.skipped: list[str] = []
+        self.fault_log: list[str] = []
+        self.continued: dict[int, float] = {}
+        self.stopped: dict[int, float] = {}  # frozen pid -> when to continue it
+        self._store_crash = False
+        self._started = time.monotonic()
+
+    # -- set up ---------------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        s = self.scenario
+        if s.broker == "rabbitmq":
+            assert self.rabbitmq is not None
+            broker_url = f"{self.rabbitmq.url}%2F?heartbeat={RABBITMQ_HEARTBEAT}"
+            backend_url = ""
+        else:
+            assert self.broker_redis is not None
+            broker_url = self.broker_redis.url
+            backend_url = self.broker_redis.url.rsplit("/", 1)[0] + "/1"
+        pace = s.duration / max(1, s.keys * workload.SUBMISSIONS / workload.PRODUCERS)
+        values = {
+            "FRAMEWORK": s.framework,
+            "BROKER": s.broker,
+            "BROKER_URL": broker_url,
+            "BACKEND_URL": backend_url,
+            "STORE_URL": self.store.url,
+            "LEDGER_URL": self.ledger.url,
+            "LEDGER_NAME": self.ledger.name,
+            "LEASE": str(s.lease),
+            "VISIBILITY": str(s.visibility),
+            "QUEUE": f"chaos-{self.namespace}",
+            "NAMESPACE": self.namespace,
+            "SEED": str(s.seed),
+            "PACE": f"{pace:.6f}",
+        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith(workload.ENV_PREFIX)}
+        env.update({workload.ENV_PREFIX + k: v for k, v in values.items()})
+        return env
+
+    def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        with (self.dir / log_name).open("ab") as log:
+            return subprocess.Popen(
+                command,
+                cwd=self.dir,
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def start(self) -> None:
+        s = self.scenario
+        self.ledger_server.start()
+        self.ledger = EffectLedger(self.ledger_server.client(), f"chaos-ledger-{self.namespace}")
+        jobs = workload.plan(s.keys, s.seed)
+        self.follow = _Follower(self.ledger, {job.key: job.ms / 1000 for job in jobs})
+        self.faults = Faults(self.ledger, seed=s.seed)
+        self.store.start()
+        if s.broker == "rabbitmq":
+            self.rabbitmq = RabbitMQServer()
+            self.rabbitmq.start()
+        else:
+            self.broker_redis = RedisServer().start()
+        if s.framework == "celery":
+            self._start_celery()
+        else:
+            for _ in range(2):
+                self._start_dramatiq_worker()
+        plan_file = self.dir / "plan.json"
+        workload.save_plan(jobs, plan_file)
+        for index in range(workload.PRODUCERS):
+            self.producers.append(
+                self._spawn(
+                    [
+                        sys.executable,
+                        "-m",
+                        "idemtask.testing.chaos.producer",
+                        str(plan_file),
+                        str(index),
+                    ],
+                    f"producer-{index}.log",
+                )
+            )
+        self._started = time.monotonic()
+
+    def _start_celery(self) -> None:
+        log = self.dir / "celery-worker.log"
+        proc = self._spawn(
+            [
+                sys.executable, "-m", "celery", "-A", "idemtask.testing.chaos.celery_app",
+                "worker", "--pool=prefork", "-c", "2", "--loglevel=INFO",
+                "--without-gossip", "--without-mingle", "--without-heartbeat",
+                "-Q", f"chaos-{self.namespace}", f"--logfile={log}",
+            ],
+            "celery-stdout.log",
+        )  # fmt: skip
+        self.workers.append(proc)
+        deadline = time.monotonic() + 60
+        while not (log.exists() and "ready." in log.read_text(errors="replace")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Celery worker did not start; see {self.dir}")
+            time.sleep(0.1)
+
+    def _start_dramatiq_worker(self) -> None:
+        proc = self._spawn(
+            [sys.executable, "-m", "idemtask.testing.chaos.dramatiq_app"],
+            f"dramatiq-worker-{len(self.workers)}.log",
+        )
+        self.workers.append(proc)
+        deadline = time.monotonic() + 60
+        while proc.pid not in self.follow.ready:
+            self.follow.poll()
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"a Dramatiq worker did not start; see {self.dir}")
+            time.sleep(0.05)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def body_pids(self) -> list[int]:
+        """Processes that run bodies: Celery's pool children, or the Dramatiq workers."""
+        if self.scenario.framework == "celery":
+            return children(self.workers[0].pid)
+        return [p.pid for p in self.workers if p.poll() is None]
+
+    def _targets(self) -> list[int]:
+        now = time.monotonic()
+        return [
+            pid
+            for pid in self.body_pids()
+            if pid not in self.stopped and now - self.continued.get(pid, -1e9) > SPARE_AFTER_CONT
+        ]
+
+    def _keep_workers(self) -> None:
+        """A killed Dramatiq worker process is replaced (Celery's parent replaces its
+        children itself)."""
+        if self.scenario.framework == "celery":
+            if self.workers[0].poll() is not None:
+                raise RuntimeError(f"the Celery worker parent died; see {self.dir}")
+            return
+        for proc in list(self.workers):
+            if proc.poll() is not None:
+                self.workers.remove(proc)
+                self._start_dramatiq_worker()
+
+    def _note(self, text: str) -> None:
+        line = f"{time.monotonic() - self._started:7.1f}s {text}"
+        self.fault_log.append(line)
+        self.log(line)
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep while following the ledger (and keeping workers up)."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.follow.poll()
+            time.sleep(0.02)
+
+    def inject(self, fault: str) -> bool:
+        """Try one fault; False when it has no target right now."""
+        self.follow.poll()
+        if fault in ("kill", "stop", "kill_after_end"):
+            targets = self._targets()
+            if fault == "kill_after_end":
+                found = self.follow.lingering(targets)
+            else:
+                found = self.follow.in_body(targets)
+            pid = self.faults.pick(sorted(found))
+            if pid is None:
+                return False
+            if fault == "stop":
+                self._stop(pid)
+            else:
+                self.faults.kill(pid)
+                self._note(f"{fault} pid {pid}")
+        elif fault == "store_restart":
+            self._restart_store()
+        elif fault == "broker_restart":
+            assert self.rabbitmq is not None
+            self.ledger.record("broker_restart", key="")
+            began = time.monotonic()
+            self.rabbitmq.restart()
+            self._note(f"broker restart (down {time.monotonic() - began:.1f}s)")
+        self.faults_done[fault] += 1
+        return True
+
+    def _stop(self, pid: int) -> None:
+        """Freeze ``pid``; ``_continue_due`` wakes it, while the other faults go on."""
+        self.faults.stop(pid)
+        self.stopped[pid] = time.monotonic() + self.scenario.stop_seconds
+        self._note(f"stop pid {pid} for {self.scenario.stop_seconds:.0f}s")
+
+    def _continue_due(self) -> None:
+        now = time.monotonic()
+        for pid, due in list(self.stopped.items()):
+            if now >= due:
+                self.faults.cont(pid)
+                del self.stopped[pid]
+                self.continued[pid] = now
+
+    def _restart_store(self) -> None:
+        self.ledger.record("store_restart", key="")
+        self._store_crash = not self._store_crash
+        if self._store_crash:
+            self.store.kill()  # SIGKILL: a crash; appendfsync always keeps every reply
+        else:
+            self.store.stop()  # SIGTERM: a clean shutdown
+        self._wait(1.0)
+        self.store.start()
+        how = "SIGKILL" if self._store_crash else "SIGTERM"
+        self._note(f"store restart ({how}, down 1s)")
+
+    def loop(self) -> None:
+        s = self.scenario
+        pending = s.schedule()
+        # Faults fill the first 70 % of the submissions' span, so that even the last one
+        # meets bodies running; broker restarts block the schedule meanwhile (a stopped
+        # process is continued from this loop, so stops do not).
+        blocked = s.broker_restarts * BROKER_RESTART_ESTIMATE
+        interval = max(0.5, (0.7 * s.duration - blocked) / max(1, len(pending)))
+        next_fault = time.monotonic() + interval / 2
+        deadline = time.monotonic() + s.timeout
+        expected_messages = s.keys * workload.SUBMISSIONS
+        while True:
+            self.follow.poll()
+            self._continue_due()
+            self._keep_workers()
+            now = time.monotonic()
+            done = (
+                self.follow.producers_done == workload.PRODUCERS
+                and len(self.follow.completed) >= s.keys
+                and self.follow.submitted >= expected_messages
+            )
+            if pending and now >= next_fault:
+                # The first due fault that has a target goes: a rare target (a delivery
+                # between completion and ack) does not hold back the others.
+                injected = next((f for f in pending if self.inject(f)), None)
+                if injected is not None:
+                    next_fault = time.monotonic() + interval
+                    pending.remove(injected)
+                elif done:
+                    # The workload is over: no body will run again to be hit.
+                    for fault in pending:
+                        self._note(f"{fault} skipped: no target left")
+                    self.skipped.extend(pending)
+                    pending.clear()
+                else:
+                    next_fault = now + 0.02  # no target yet: look again soon
+                    time.sleep(0.01)
+                continue
+            if done and not pending and not self.stopped and now - self.follow.changed > s.quiet:
+                return
+            if now > deadline:
+                self._note("timed out")
+                return
+            time.sleep(0.02)
+
+    # -- results and tear down ------------------------------------------------------------
+
+    def result(self) -> Result:
+        entries = self.ledger.entries()
+        keys = {e.key for e in entries if e.kind == "submitted"}
+        report = analyse(entries, keys)
+        return Result(
+            scenario=self.scenario.name,
+            seed=self.scenario.seed,
+            keys=len(keys),
+            messages=sum(1 for e in entries if e.kind == "submitted"),
+            seconds=time.monotonic() - self._started,
+            faults=self.faults_done,
+            skipped_faults=self.skipped,
+            report=report,
+            store_not_done=self._store_not_done(keys),
+            fault_log=self.fault_log,
+        )
+
+    def _store_not_done(self, keys: set[str]) -> list[str]:
+        prefix = self.namespace if self.scenario.framework == "dramatiq" else "idemtask"
+        self.store.start()
+        store = RedisStore.from_url(self.store.url, prefix=prefix)
+        try:
+            not_done = []
+            for key in sorted(keys):
+                record = store.inspect(key)
+                if record is None or record.state is not State.DONE:
+                    not_done.append(f"{key}: {record.state.value if record else 'absent'}")
+            return not_done
+        finally:
+            store.client.close()
+
+    def close(self) -> None:
+        for pid in list(self.stopped):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        for proc in self.producers + self.workers:
+            _terminate(proc)
+        for server in (self.rabbitmq, self.broker_redis, self.store, self.ledger_server):
+            if server is not None:
+                server.close()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process's session (a Celery parent and its children), SIGKILL if slow."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
+
+
+@contextlib.contextmanager
+def _running(scenario: Scenario, log: Log) -> Iterator[ChaosRun]:
+    run = ChaosRun(scenario, log)
+    try:
+        run.start()
+        yield run
+    finally:
+        run.close()
+
+
+def run_scenario(scenario: Scenario, log: Log = print) -> Result:
+    """Run ``scenario`` to the end and return its ``Result``."""
+    with _running(scenario, log) as run:
+        run.loop()
+        result = run.result()
+        (run.dir / "result.json").write_text(json.dumps(result.figures(), indent=2))
+        if scenario.workdir is not None:  # the evidence, one JSON entry a line
+            with (run.dir / "ledger.jsonl").open("w") as out:
+                for entry in run.ledger.entries():
+                    out.write(json.dumps(dataclasses.asdict(entry)) + "\n")
+        return result
