@@ -154,7 +154,10 @@ class IdempotencyMiddleware(Middleware):
     def before_declare_actor(self, broker: Broker, actor: dramatiq.Actor[Any, Any]) -> None:
         self._configure(actor)
 
-    def after_declare_actor(self, broker: Broker, actor: dramatiq.Actor[Any, Any]) -> None:
+    def after_declare_actor(self, broker: Broker, actor: dramatiq.Actor[Any, Any] | str) -> None:
+        if isinstance(actor, str):
+            # Dramatiq < 2.0's add_middleware passes the names of actors declared earlier.
+            actor = broker.get_actor(actor)
         if actor.actor_name not in self._functions:  # declared before the middleware was added
             self._configure(actor)
         self._install(broker, actor)

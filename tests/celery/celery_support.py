@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,8 @@ from typing import Any
 
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from kombu.asynchronous import get_event_loop, set_event_loop
+from kombu.transport import redis as kombu_redis
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -48,15 +51,56 @@ class Urls:
 @contextmanager
 def running_worker(app: Celery, pool: str = "threads", concurrency: int = 2) -> Iterator[Any]:
     """A worker inside this process (celery.contrib.testing), stopped on exit."""
-    with start_worker(
-        app,
-        pool=pool,
-        concurrency=concurrency,
-        perform_ping_check=False,
-        loglevel="WARNING",
-        shutdown_timeout=30,
-    ) as worker:
-        yield worker
+    hub = None
+    try:
+        with start_worker(
+            app,
+            pool=pool,
+            concurrency=concurrency,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=30,
+        ) as worker:
+            hub = getattr(worker, "hub", None)
+            yield worker
+    finally:
+        # kombu < 5.6 leaves the closed hub of a stopped worker as the process's current
+        # event loop; the next worker started in this process would adopt it, and its
+        # stopped timer never fires an ETA or countdown message (retries, deferrals).
+        # kombu 5.6 clears it on close, as done here for older versions.
+        if hub is not None and get_event_loop() is hub:
+            set_event_loop(None)
+
+
+#: kombu 5.7 made the Redis transport's scan for unacked messages past their visibility
+#: timeout configurable; before, it runs from a fixed 10 s timer and scans only on every
+#: 10th call, so a message is redelivered up to about 100 s after its timeout expired.
+KOMBU_RESTORE_OPTIONS = hasattr(kombu_redis.Channel, "unacked_restore_interval")
+
+
+@contextmanager
+def scanning_unacked(app: Celery, interval: float = 1.0) -> Iterator[None]:
+    """Run the transport's own scan (``QoS.restore_visible``) every ``interval`` seconds, as
+    ``unacked_restore_interval=1, unacked_restore_throttle=1`` makes kombu >= 5.7 do; a
+    no-op there. The scan works on the broker's shared keys, so any channel may run it."""
+    if KOMBU_RESTORE_OPTIONS:
+        yield
+        return
+    stop = threading.Event()
+
+    def scan() -> None:
+        with app.connection_for_write() as connection:
+            qos = connection.default_channel.qos
+            while not stop.wait(interval):
+                qos.restore_visible(num=10, interval=1)
+
+    thread = threading.Thread(target=scan, name="unacked-scan", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:

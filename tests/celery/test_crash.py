@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import redis
 from celery import Celery
-from celery_support import running_worker, wait_for
+from celery_support import running_worker, scanning_unacked, wait_for
 from celery_testapp import decisions
 
 from idemtask.errors import PoisonMessageError
@@ -114,7 +114,7 @@ def test_visibility_timeout_redelivery_defers_then_replays(
     )
     record = app.tasks["t.record"]
     key = record.idemtask_key(("vis", 7.0)).key
-    with running_worker(app, concurrency=2):
+    with running_worker(app, concurrency=2), scanning_unacked(app):
         result = record.delay("vis", 7.0)
         assert result.get(timeout=60) == {"token": "vis", "done": 1}
         wait_for(lambda: decisions(counter, key).get("replayed"), 30, "a replayed copy")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import celery
 import pytest
 from celery import Celery
 
@@ -16,24 +17,40 @@ from servers import RedisServer
 
 pytestmark = pytest.mark.celery
 
+CELERY_VERSION = (int(celery.VERSION[0]), int(celery.VERSION[1]))
+
 
 def test_at_least_once_is_the_documented_dict() -> None:
-    assert presets.SPLIT_ACKS  # this suite runs Celery 5.7
-    assert presets.at_least_once(600) == {
+    common = {
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "task_retry_on_worker_lost": False,
-        "task_acks_on_failure": True,
-        "task_acks_on_timeout": True,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_track_started": True,
         "broker_transport_options": {"visibility_timeout": 600},
         "result_backend_transport_options": {"visibility_timeout": 600},
     }
-    retrying = presets.at_least_once(retry_on_worker_lost=True)
-    assert retrying["task_retry_on_worker_lost"] is True
-    assert retrying["task_reject_on_worker_lost"] is False
+    if CELERY_VERSION >= (5, 7):
+        # Celery 5.7 split the acks setting and added the retry variant of worker loss.
+        assert presets.SPLIT_ACKS
+        assert presets.at_least_once(600) == {
+            **common,
+            "task_retry_on_worker_lost": False,
+            "task_acks_on_failure": True,
+            "task_acks_on_timeout": True,
+        }
+        retrying = presets.at_least_once(retry_on_worker_lost=True)
+        assert retrying["task_retry_on_worker_lost"] is True
+        assert retrying["task_reject_on_worker_lost"] is False
+    else:
+        assert not presets.SPLIT_ACKS
+        assert presets.at_least_once(600) == {
+            **common,
+            "task_acks_on_failure_or_timeout": True,
+        }
+        assert presets.at_least_once(600, retry_on_worker_lost=False) == presets.at_least_once(600)
+        with pytest.raises(ConfigurationError, match=r"Celery >= 5\.7"):
+            presets.at_least_once(retry_on_worker_lost=True)
     with pytest.raises(ConfigurationError):
         presets.at_least_once(0)
 
