@@ -9,24 +9,19 @@ publisher, worker, broker and store together.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
 
 from benchmarks.celery_app import QUEUE, build_app, close_app, forget_results
 from benchmarks.common import (
-    ROOT,
     Servers,
+    WorkerProcess,
     command_calls,
     command_delta,
     rounds,
@@ -63,21 +58,12 @@ def call_sequence(calls: int, duplicates: bool, seed: int) -> list[int]:
     return values
 
 
-class Worker:
+def start_worker(servers: Servers) -> WorkerProcess:
     """``celery -A benchmarks.celery_app:app worker`` as a subprocess in its own session."""
-
-    def __init__(self, servers: Servers) -> None:
-        self.log = Path(tempfile.mkdtemp(prefix="idemtask-bench-")) / "celery-worker.log"
-        env = dict(os.environ)
-        env.update(
-            BENCH_BROKER=servers.broker_url,
-            BENCH_BACKEND=servers.backend_url,
-            BENCH_STORE=servers.store_url,
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        )
-        command = [
-            sys.executable,
-            "-m",
+    return WorkerProcess(
+        "Celery",
+        servers,
+        [
             "celery",
             "-A",
             "benchmarks.celery_app:app",
@@ -91,31 +77,8 @@ class Worker:
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
-        ]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                command,
-                env=env,
-                cwd=ROOT,
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def check(self) -> None:
-        if self.proc.poll() is not None:
-            tail = self.log.read_text()[-3000:] if self.log.exists() else ""
-            raise RuntimeError(f"the Celery worker exited ({self.proc.returncode}):\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        ],
+    )
 
 
 class CeleryBench:
@@ -126,7 +89,7 @@ class CeleryBench:
         self.app, self.tasks = build_app(servers.broker_url, servers.backend_url, servers.store_url)
         self.backend = redis.Redis.from_url(servers.backend_url)
         self.store = redis.Redis.from_url(servers.store_url)
-        self.worker = Worker(servers)
+        self.worker = start_worker(servers)
 
     def close(self) -> None:
         self.worker.stop()

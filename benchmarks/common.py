@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -222,3 +225,43 @@ def machine() -> dict[str, Any]:
         "load_at_start": load_average(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+
+
+class WorkerProcess:
+    """A framework's worker command (``python -m ...``) as a subprocess in its own session,
+    pointed at the benchmark's servers, logging to a temporary file."""
+
+    def __init__(self, name: str, servers: Servers, args: Sequence[str]) -> None:
+        self.name = name
+        self.log = Path(tempfile.mkdtemp(prefix="idemtask-bench-")) / f"{name.lower()}-worker.log"
+        env = dict(os.environ)
+        env.update(
+            BENCH_BROKER=servers.broker_url,
+            BENCH_BACKEND=servers.backend_url,
+            BENCH_STORE=servers.store_url,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        )
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", *args],
+                env=env,
+                cwd=ROOT,
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log.read_text()[-3000:] if self.log.exists() else ""
+            raise RuntimeError(f"the {self.name} worker exited ({self.proc.returncode}):\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)

@@ -3,21 +3,23 @@ worker (``dramatiq --processes 2 --threads 2`` in a subprocess, shared by every 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import redis
 
 from benchmarks.celery_e2e import call_sequence
-from benchmarks.common import ROOT, Servers, command_calls, command_delta, rounds, wait_results
+from benchmarks.common import (
+    Servers,
+    WorkerProcess,
+    command_calls,
+    command_delta,
+    rounds,
+    wait_results,
+)
 from benchmarks.dramatiq_app import QUEUE, Actors, build_broker
 
 PROCESSES = 2
@@ -38,21 +40,12 @@ VARIANTS = (
 )
 
 
-class Worker:
+def start_worker(servers: Servers) -> WorkerProcess:
     """``dramatiq benchmarks.dramatiq_app`` as a subprocess in its own session."""
-
-    def __init__(self, servers: Servers) -> None:
-        self.log = Path(tempfile.mkdtemp(prefix="idemtask-bench-")) / "dramatiq-worker.log"
-        env = dict(os.environ)
-        env.update(
-            BENCH_BROKER=servers.broker_url,
-            BENCH_BACKEND=servers.backend_url,
-            BENCH_STORE=servers.store_url,
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        )
-        command = [
-            sys.executable,
-            "-m",
+    return WorkerProcess(
+        "Dramatiq",
+        servers,
+        [
             "dramatiq",
             "benchmarks.dramatiq_app",
             "--processes",
@@ -61,31 +54,8 @@ class Worker:
             str(THREADS),
             "--queues",
             QUEUE,
-        ]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                command,
-                env=env,
-                cwd=ROOT,
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def check(self) -> None:
-        if self.proc.poll() is not None:
-            tail = self.log.read_text()[-3000:] if self.log.exists() else ""
-            raise RuntimeError(f"the Dramatiq worker exited ({self.proc.returncode}):\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        ],
+    )
 
 
 class DramatiqBench:
@@ -95,7 +65,7 @@ class DramatiqBench:
         )
         self.backend = redis.Redis.from_url(servers.backend_url)
         self.store = redis.Redis.from_url(servers.store_url)
-        self.worker = Worker(servers)
+        self.worker = start_worker(servers)
 
     def close(self) -> None:
         self.worker.stop()
