@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from idemtask.testing.servers import RedisServer
+from idemtask.testing.servers import RedisServer, terminate_session
 
 T = TypeVar("T")
 
@@ -258,10 +257,4 @@ class WorkerProcess:
             raise RuntimeError(f"the {self.name} worker exited ({self.proc.returncode}):\n{tail}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        terminate_session(self.proc, grace=30)

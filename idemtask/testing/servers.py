@@ -88,6 +88,23 @@ def _alive(pid: int) -> bool:
     return fields is not None and fields[0] not in ("Z", "X")
 
 
+def terminate_session(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it forked (a
+    Celery parent and its pool children): SIGTERM the session, SIGKILL it after ``grace``
+    seconds, then SIGKILL whatever of the session is left behind."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
+
+
 class _ServerProcess:
     """A server process in its own session and temporary directory.
 

@@ -4,7 +4,6 @@ processes, polling."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from kombu.asynchronous import get_event_loop, set_event_loop
 from kombu.transport import redis as kombu_redis
+
+from idemtask.testing.servers import terminate_session
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -152,10 +153,4 @@ class WorkerProcess:
         return self.log.read_text() if self.log.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        terminate_session(self.proc)

@@ -46,7 +46,7 @@ from idemtask.testing.chaos import workload
 from idemtask.testing.checks import Report, analyse
 from idemtask.testing.faults import Faults, children
 from idemtask.testing.ledger import EffectLedger, Entry
-from idemtask.testing.servers import RabbitMQServer, RedisServer
+from idemtask.testing.servers import RabbitMQServer, RedisServer, terminate_session
 
 #: Seconds without a RabbitMQ heartbeat after which the server drops a frozen consumer:
 #: the client asks for this interval, the server closes after about two missed beats.
@@ -568,27 +568,12 @@ class ChaosRun:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         for proc in self.producers + self.workers:
-            _terminate(proc)
+            terminate_session(proc)
         for server in (self.rabbitmq, self.broker_redis, self.store, self.ledger_server):
             if server is not None:
                 server.close()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process's session (a Celery parent and its children), SIGKILL if slow."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
 
 
 @contextlib.contextmanager
