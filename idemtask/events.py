@@ -8,7 +8,10 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from idemtask.identity import Call
 
 logger = logging.getLogger("idemtask")
 
@@ -71,13 +74,15 @@ def remove_observer(observer: Observer) -> None:
 
 def emit(
     decision: Decision,
-    task_name: str,
-    key: str,
-    task_id: str,
+    call: Call | None,
+    task_id: str = "",
     *,
     duration: float | None = None,
     **fields: Any,
 ) -> None:
+    """Log one decision about ``call`` (None for process-wide events such as a renewal) and
+    pass it to every observer."""
+    task_name, key = (call.task_name, call.key) if call is not None else ("", "")
     event = Event(decision, task_name, key, task_id, fields, duration)
     if decision in _WARNINGS:
         level = logging.WARNING

@@ -1,7 +1,12 @@
 """The framework-neutral engine: what to do at enqueue, at execute start, and at the end.
 
-Adapters translate framework events into these calls and the answers back into framework
-actions (publish or hand back a handle; run, replay, defer or drop; record the outcome).
+Adapters translate framework events into calls on this module and its answers back into
+framework actions. Publishing goes through ``Guard.publishing`` (reserve, let the adapter
+publish, give the reservation back if that fails); every delivery goes through one
+``Delivery`` (decide, run the body under its lease, record the outcome). ``Deferred`` and
+``Dropped`` tell the adapter to put the message back for later or to ack it unrun; every
+other answer is a value or an ``IdempotencyError``. Nothing outside this module touches
+leases or calls the store for a task.
 """
 
 from __future__ import annotations
@@ -20,15 +25,29 @@ from idemtask.errors import (
     AlreadyRunningError,
     DuplicateTaskError,
     IdempotencyConflict,
+    KeyDerivationError,
     LeaseLostError,
     PoisonMessageError,
     StoreUnavailable,
     TaskFailedError,
 )
 from idemtask.events import Decision, emit
+from idemtask.identity import Call
 from idemtask.lease import LeaseKeeper
 from idemtask.policy import Policy
 from idemtask.store.base import Lease, Outcome, State, Status, Store, StoredResult
+
+__all__ = [
+    "Attempt",
+    "Call",
+    "Deferred",
+    "Delivery",
+    "Dropped",
+    "Existing",
+    "Guard",
+    "Replay",
+    "final_exceptions",
+]
 
 logger = logging.getLogger("idemtask")
 
@@ -38,14 +57,18 @@ MIN_DEFER_DELAY = 0.25
 # later than this: a holder that finishes early should not keep its duplicates waiting long.
 MAX_DEFER_DELAY = 10.0
 
+#: Errors a retry cannot change: the key failed for good, its payload conflicts, or the
+#: arguments cannot be keyed. Adapters fail such a delivery at once instead of retrying it.
+UNRETRYABLE: tuple[type[BaseException], ...] = (
+    TaskFailedError,
+    IdempotencyConflict,
+    KeyDerivationError,
+)
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One task invocation, as the store knows it."""
 
-    task_name: str
-    key: str
-    fingerprint: str
+def final_exceptions(policy: Policy) -> tuple[type[BaseException], ...]:
+    """Exceptions after which a framework retry would only replay the same outcome."""
+    return (*UNRETRYABLE, *policy.terminal_exceptions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +146,27 @@ class Guard:
 
     # -- enqueue -------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def publishing(
+        self, policy: Policy, call: Call, task_id: str, *, delay: float = 0.0, reserve: bool = True
+    ) -> Iterator[Existing | None]:
+        """Reserve the key, then let the adapter publish inside the block.
+
+        Yields None: publish ``task_id``; an ``Existing``: hand back the original instead
+        (nothing was reserved). If the block raises, the reservation is given back so a later
+        call can publish. ``reserve=False`` (canvas members, retries) publishes unreserved.
+        """
+        existing = self.reserve(policy, call, task_id, delay=delay) if reserve else None
+        if existing is not None:
+            yield existing
+            return
+        try:
+            yield None
+        except BaseException:
+            if reserve and policy.dedupe_enqueue:
+                self.cancel(call, task_id)
+            raise
+
     def reserve(
         self, policy: Policy, call: Call, task_id: str, *, delay: float = 0.0
     ) -> Existing | None:
@@ -139,29 +183,32 @@ class Guard:
                 call.key,
                 task_id=task_id,
                 task_name=call.task_name,
-                fingerprint=call.fingerprint if policy.validate_payload else "",
+                fingerprint=_fingerprint(policy, call),
                 reservation_ms=policy.reservation_ms + max(0, int(delay * 1000)),
                 ttl_ms=policy.result_ttl_ms,
             )
         except StoreUnavailable as exc:
-            emit(Decision.STORE_UNAVAILABLE, call.task_name, call.key, task_id, stage="enqueue")
+            emit(Decision.STORE_UNAVAILABLE, call, task_id, stage="enqueue")
             if policy.on_store_error == "raise":
                 raise
             # The execute guard still protects the message; publishing loses nothing.
             logger.debug("idemtask enqueue without reservation: %s", exc)
             return None
-        took = time.perf_counter() - started
+        return self._reserved(policy, call, task_id, outcome, time.perf_counter() - started)
+
+    def _reserved(
+        self, policy: Policy, call: Call, task_id: str, outcome: Outcome, took: float
+    ) -> Existing | None:
         if outcome.status is Status.NEW:
-            emit(Decision.NEW, call.task_name, call.key, task_id, duration=took)
+            emit(Decision.NEW, call, task_id, duration=took)
             return None
         if outcome.status is Status.CONFLICT:
-            emit(Decision.CONFLICT, call.task_name, call.key, task_id, existing=outcome.task_id)
+            emit(Decision.CONFLICT, call, task_id, existing=outcome.task_id)
             raise IdempotencyConflict(call.key, outcome.task_id)
         state = outcome.state.value if outcome.state else "unknown"
         emit(
             Decision.DUPLICATE,
-            call.task_name,
-            call.key,
+            call,
             task_id,
             duration=took,
             existing=outcome.task_id,
@@ -187,6 +234,10 @@ class Guard:
 
     # -- execute -------------------------------------------------------------------------
 
+    def delivery(self, policy: Policy, call: Call, task_id: str, codec: Codec) -> Delivery:
+        """The lifecycle of one delivery, for the adapter to drive."""
+        return Delivery(self, policy, call, task_id, codec)
+
     def begin(self, policy: Policy, call: Call, task_id: str) -> Attempt | Replay:
         """Decide one delivery: an ``Attempt`` to run, or a ``Replay``.
 
@@ -195,74 +246,70 @@ class Guard:
         """
         deadline = time.monotonic() + policy.wait_timeout
         while True:
-            acquired = self._acquire(policy, call, task_id)
-            if acquired is None:  # store down, on_store_error="run"
-                return Attempt(call, policy, task_id, _attempt_id(), 0, False, guarded=False)
-            outcome, attempt_id, took = acquired
+            attempt_id = _attempt_id()
+            started = time.perf_counter()
+            outcome = self._acquire(policy, call, task_id, attempt_id)
+            if outcome is None:  # store down, on_store_error="run"
+                return Attempt(call, policy, task_id, attempt_id, 0, False, guarded=False)
+            took = time.perf_counter() - started
             if outcome.status is not Status.BUSY:
                 return self._decided(policy, call, task_id, outcome, attempt_id, took)
-            left = max(outcome.lease_left_ms / 1000.0, MIN_DEFER_DELAY)
-            emit(
-                Decision.BUSY,
-                call.task_name,
-                call.key,
-                task_id,
-                holder=outcome.task_id,
-                lease_left_ms=outcome.lease_left_ms,
-                policy=policy.on_running,
-            )
-            if policy.on_running == "raise":
-                raise AlreadyRunningError(call.key, outcome.task_id, left)
-            if policy.on_running == "drop":
-                emit(Decision.DROPPED, call.task_name, call.key, task_id, holder=outcome.task_id)
-                raise Dropped(f"{call.key} is running as {outcome.task_id}")
-            remaining = deadline - time.monotonic()
-            if policy.on_running == "wait" and remaining > 0:
-                time.sleep(min(left, remaining, _poll_interval(policy)))
-                continue
-            delay = min(left, policy.lease, MAX_DEFER_DELAY)
-            emit(Decision.DEFERRED, call.task_name, call.key, task_id, delay=round(delay, 3))
-            raise Deferred(delay, f"{call.key} is running as {outcome.task_id}")
+            time.sleep(self._busy(policy, call, task_id, outcome, deadline))
 
-    def _acquire(
-        self, policy: Policy, call: Call, task_id: str
-    ) -> tuple[Outcome, str, float] | None:
-        attempt_id = _attempt_id()
-        started = time.perf_counter()
+    def _busy(
+        self, policy: Policy, call: Call, task_id: str, outcome: Outcome, deadline: float
+    ) -> float:
+        """Another attempt holds the key: how long to wait before asking again, or raise."""
+        left = max(outcome.lease_left_ms / 1000.0, MIN_DEFER_DELAY)
+        holder = outcome.task_id
+        emit(
+            Decision.BUSY,
+            call,
+            task_id,
+            holder=holder,
+            lease_left_ms=outcome.lease_left_ms,
+            policy=policy.on_running,
+        )
+        if policy.on_running == "raise":
+            raise AlreadyRunningError(call.key, holder, left)
+        if policy.on_running == "drop":
+            emit(Decision.DROPPED, call, task_id, holder=holder)
+            raise Dropped(f"{call.key} is running as {holder}")
+        remaining = deadline - time.monotonic()
+        if policy.on_running == "wait" and remaining > 0:
+            return min(left, remaining, _poll_interval(policy))
+        delay = min(left, policy.lease, MAX_DEFER_DELAY)
+        emit(Decision.DEFERRED, call, task_id, delay=round(delay, 3))
+        raise Deferred(delay, f"{call.key} is running as {holder}")
+
+    def _acquire(self, policy: Policy, call: Call, task_id: str, attempt_id: str) -> Outcome | None:
+        """The store's answer; None when the store is down and the policy says run anyway."""
         try:
-            outcome = self.store.acquire(
+            return self.store.acquire(
                 call.key,
                 task_id=task_id,
                 attempt_id=attempt_id,
                 task_name=call.task_name,
-                fingerprint=call.fingerprint if policy.validate_payload else "",
+                fingerprint=_fingerprint(policy, call),
                 lease_ms=policy.lease_ms,
                 max_deliveries=policy.max_deliveries,
                 ttl_ms=policy.result_ttl_ms,
             )
         except StoreUnavailable:
-            emit(
-                Decision.STORE_UNAVAILABLE,
-                call.task_name,
-                call.key,
-                task_id,
-                stage="execute",
-                policy=policy.on_store_error,
-            )
-            if policy.on_store_error == "run":
+            policy_choice = policy.on_store_error
+            emit(Decision.STORE_UNAVAILABLE, call, task_id, stage="execute", policy=policy_choice)
+            if policy_choice == "run":
                 return None
-            if policy.on_store_error == "defer":
-                emit(
-                    Decision.DEFERRED,
-                    call.task_name,
-                    call.key,
-                    task_id,
-                    delay=STORE_RETRY_DELAY,
-                    reason="store unavailable",
-                )
-                raise Deferred(STORE_RETRY_DELAY, "the idempotency store is unreachable") from None
-            raise
-        return outcome, attempt_id, time.perf_counter() - started
+            if policy_choice == "raise":
+                raise
+        emit(
+            Decision.DEFERRED,
+            call,
+            task_id,
+            delay=STORE_RETRY_DELAY,
+            reason="store unavailable",
+        )
+        raise Deferred(STORE_RETRY_DELAY, "the idempotency store is unreachable")
 
     def _decided(
         self,
@@ -273,13 +320,12 @@ class Guard:
         attempt_id: str,
         took: float,
     ) -> Attempt | Replay:
-        status = outcome.status
+        status, holder = outcome.status, outcome.task_id
         if status is Status.ACQUIRED:
             decision = Decision.TAKEOVER if outcome.takeover else Decision.ACQUIRED
             emit(
                 decision,
-                call.task_name,
-                call.key,
+                call,
                 task_id,
                 duration=took,
                 token=outcome.token,
@@ -287,24 +333,17 @@ class Guard:
             )
             return Attempt(call, policy, task_id, attempt_id, outcome.token, outcome.takeover)
         if status is Status.DONE:
-            emit(
-                Decision.REPLAYED,
-                call.task_name,
-                call.key,
-                task_id,
-                duration=took,
-                original=outcome.task_id,
-            )
-            return Replay(call, outcome.task_id, outcome.result)
+            emit(Decision.REPLAYED, call, task_id, duration=took, original=holder)
+            return Replay(call, holder, outcome.result)
         if status is Status.CONFLICT:
-            emit(Decision.CONFLICT, call.task_name, call.key, task_id, existing=outcome.task_id)
-            raise IdempotencyConflict(call.key, outcome.task_id)
+            emit(Decision.CONFLICT, call, task_id, existing=holder)
+            raise IdempotencyConflict(call.key, holder)
         if status is Status.POISONED:
-            emit(Decision.POISON, call.task_name, call.key, task_id, deliveries=outcome.deliveries)
-            raise PoisonMessageError(call.key, outcome.task_id, outcome.error)
+            emit(Decision.POISON, call, task_id, deliveries=outcome.deliveries)
+            raise PoisonMessageError(call.key, holder, outcome.error)
         if status is Status.FAILED:
-            emit(Decision.FAILED, call.task_name, call.key, task_id, original=outcome.task_id)
-            raise TaskFailedError(call.key, outcome.task_id, outcome.error)
+            emit(Decision.FAILED, call, task_id, original=holder)
+            raise TaskFailedError(call.key, holder, outcome.error)
         raise AssertionError(f"unexpected acquire outcome {outcome}")  # pragma: no cover
 
     @contextlib.contextmanager
@@ -325,8 +364,7 @@ class Guard:
 
     def _lost(self, attempt: Attempt) -> None:
         attempt.execution.mark_lease_lost()
-        call = attempt.call
-        emit(Decision.LEASE_LOST, call.task_name, call.key, attempt.task_id, token=attempt.token)
+        emit(Decision.LEASE_LOST, attempt.call, attempt.task_id, token=attempt.token)
 
     def succeed(self, attempt: Attempt, value: Any, codec: Codec) -> Any:
         """Record the body's value; returns what the caller should see (its own value, or the
@@ -345,24 +383,13 @@ class Guard:
                 result_ttl_ms=policy.result_ttl_ms,
             ),
         )
-        if outcome is None or outcome.status is Status.COMPLETED:
-            if outcome is not None:
-                emit(
-                    Decision.COMPLETED,
-                    call.task_name,
-                    call.key,
-                    attempt.task_id,
-                    token=attempt.token,
-                )
+        if outcome is None:
             return value
-        emit(
-            Decision.STALE_COMPLETION,
-            call.task_name,
-            call.key,
-            attempt.task_id,
-            token=attempt.token,
-            state=outcome.state.value if outcome.state else "absent",
-        )
+        if outcome.status is Status.COMPLETED:
+            emit(Decision.COMPLETED, call, attempt.task_id, token=attempt.token)
+            return value
+        state = outcome.state.value if outcome.state else "absent"
+        emit(Decision.STALE_COMPLETION, call, attempt.task_id, token=attempt.token, state=state)
         if outcome.state is State.DONE:
             return Replay(call, outcome.task_id, outcome.result).value(codec)
         raise LeaseLostError(call.key)
@@ -372,6 +399,7 @@ class Guard:
         (replayed to later deliveries), ``idle`` otherwise (a retry or redelivery runs again)."""
         if not attempt.guarded:
             return
+        self.leases.drop(attempt.attempt_id)  # nothing renews a lease being given back
         call, policy = attempt.call, attempt.policy
         terminal = isinstance(exc, policy.terminal_exceptions)
         outcome = self._with_store_retries(
@@ -385,40 +413,20 @@ class Guard:
                 ttl_ms=policy.result_ttl_ms,
             ),
         )
-        if outcome is not None and outcome.status is Status.STALE:
+        if outcome is None:
+            return
+        if outcome.status is Status.STALE:
             emit(
-                Decision.STALE_COMPLETION,
-                call.task_name,
-                call.key,
-                attempt.task_id,
-                token=attempt.token,
-                released=True,
+                Decision.STALE_COMPLETION, call, attempt.task_id, token=attempt.token, released=True
             )
-        elif outcome is not None:
-            emit(
-                Decision.RELEASED,
-                call.task_name,
-                call.key,
-                attempt.task_id,
-                terminal=terminal,
-                error=type(exc).__name__,
-            )
+            return
+        emit(Decision.RELEASED, call, attempt.task_id, terminal=terminal, error=type(exc).__name__)
 
     def run(
         self, policy: Policy, call: Call, task_id: str, body: Callable[[], Any], codec: Codec
     ) -> Any:
-        """Begin, run the body under its lease, and record the outcome: the whole execute
-        guard for adapters that call the body themselves."""
-        decided = self.begin(policy, call, task_id)
-        if isinstance(decided, Replay):
-            return decided.value(codec)
-        with self.holding(decided):
-            try:
-                value = body()
-            except BaseException as exc:
-                self.fail(decided, exc)
-                raise
-        return self.succeed(decided, value, codec)
+        """The whole execute guard in one call, for callers that run the body themselves."""
+        return self.delivery(policy, call, task_id, codec).run(body)
 
     def _with_store_retries(self, attempt: Attempt, op: Callable[[], Outcome]) -> Outcome | None:
         """Retry a final write while the lease would still be ours; None if it never landed."""
@@ -429,11 +437,9 @@ class Guard:
                 return op()
             except StoreUnavailable as exc:
                 if time.monotonic() + delay > deadline:
-                    call = attempt.call
                     emit(
                         Decision.STORE_UNAVAILABLE,
-                        call.task_name,
-                        call.key,
+                        attempt.call,
                         attempt.task_id,
                         stage="finish",
                         error=str(exc),
@@ -441,6 +447,75 @@ class Guard:
                     return None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+class Delivery:
+    """One delivery of a guarded call, driven by its adapter.
+
+    ``decide`` takes the execute decision (it may raise ``Deferred``, ``Dropped`` or an
+    ``IdempotencyError``); ``run`` replays the stored result, or runs the body under its lease
+    and records the value or the exception. An adapter that must decide before it can call
+    the body (Dramatiq decides in a middleware hook) calls ``decide`` first and ``run`` later;
+    one that has the body at hand calls ``run`` alone. ``release`` gives the key back before
+    the body ends (a retry about to be published) and ``abandon`` when the body never ran.
+    """
+
+    __slots__ = ("_guard", "call", "codec", "decision", "finished", "policy", "ran", "task_id")
+
+    def __init__(
+        self, guard: Guard, policy: Policy, call: Call, task_id: str, codec: Codec
+    ) -> None:
+        self._guard = guard
+        self.policy = policy
+        self.call = call
+        self.task_id = task_id
+        self.codec = codec
+        self.decision: Attempt | Replay | None = None
+        self.ran = False  # the body was called
+        self.finished = False  # the outcome is recorded (or the key given back)
+
+    @property
+    def attempt(self) -> Attempt | None:
+        """The attempt this delivery holds, when it decided to run the body."""
+        return self.decision if isinstance(self.decision, Attempt) else None
+
+    def decide(self) -> Attempt | Replay:
+        if self.decision is None:
+            self.decision = self._guard.begin(self.policy, self.call, self.task_id)
+        return self.decision
+
+    def run(self, body: Callable[[], Any]) -> Any:
+        """What the caller gets: the replayed result, or the body's (recorded) value."""
+        decision = self.decide()
+        if isinstance(decision, Replay):
+            return decision.value(self.codec)
+        self.ran = True
+        with self._guard.holding(decision):
+            try:
+                value = body()
+            except BaseException as exc:
+                self.release(exc)
+                raise
+        if self.finished:  # given back while the body ran: nothing more to record
+            return value
+        self.finished = True
+        return self._guard.succeed(decision, value, self.codec)
+
+    def release(self, exc: BaseException) -> None:
+        """Give the key back now (``idle``, or ``failed`` for a terminal ``exc``), once."""
+        attempt = self.attempt
+        if attempt is not None and not self.finished:
+            self.finished = True
+            self._guard.fail(attempt, exc)
+
+    def abandon(self, reason: BaseException) -> None:
+        """The body never ran (another middleware skipped or failed the delivery)."""
+        if not self.ran:
+            self.release(reason)
+
+
+def _fingerprint(policy: Policy, call: Call) -> str:
+    return call.fingerprint if policy.validate_payload else ""
 
 
 def _encode(codec: Codec, value: Any, call: Call, limit: int) -> bytes | None:

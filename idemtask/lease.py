@@ -119,9 +119,7 @@ class LeaseKeeper:
         self.renewals += 1
         emit(
             Decision.RENEWED,
-            "",
-            "",
-            "",
+            None,
             duration=time.monotonic() - started,
             leases=len(batch),
             lost=answers.count(False),

@@ -313,3 +313,38 @@ def test_completion_survives_a_short_store_outage(
     assert guard.run(policy, c, "t1", body, CODEC) == "paid"
     record = guard.store.inspect(c.key)
     assert record is not None and record.state is State.DONE
+
+
+def test_delivery_decides_once_and_records_once(guard: Guard) -> None:
+    c = call()
+    delivery = guard.delivery(FAST, c, "t1", CODEC)
+    attempt = delivery.decide()
+    assert isinstance(attempt, Attempt) and delivery.decide() is attempt
+    assert delivery.run(lambda: 5) == 5
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.DONE
+    replay = guard.delivery(FAST, c, "t2", CODEC)
+    assert replay.run(lambda: pytest.fail("a done key must not run again")) == 5
+
+
+def test_delivery_released_mid_body_records_nothing_more(guard: Guard) -> None:
+    c = call()
+    delivery = guard.delivery(FAST, c, "t1", CODEC)
+
+    def body() -> int:
+        delivery.release(RuntimeError("retry"))
+        return 1
+
+    assert delivery.run(body) == 1
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.IDLE
+
+
+def test_an_abandoned_delivery_gives_the_key_back(guard: Guard) -> None:
+    c = call()
+    delivery = guard.delivery(FAST, c, "t1", CODEC)
+    delivery.decide()
+    delivery.abandon(RuntimeError("skipped"))
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.IDLE
+    assert guard.leases.held() == []

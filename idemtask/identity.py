@@ -1,0 +1,116 @@
+"""A call's identity: the one place where a task invocation becomes a key.
+
+Both adapters build every ``Call`` here, at enqueue and at execute, so a call keys the same
+whichever framework, producer or path it took. The key derived at enqueue travels with the
+message (Celery headers, Dramatiq options) so the worker need not derive it again from
+arguments that went through a serializer. A carried key is bound to the task name and the
+message id it was derived for: a header forwarded to another message (``headers=
+self.request.headers`` on a child task) is not taken as that message's identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from idemtask.keys import bind_arguments, derive_key, explicit_key
+from idemtask.policy import Policy
+
+#: Message fields that carry a call's identity from the producer to every delivery.
+KEY_FIELD = "idemtask_key"
+FINGERPRINT_FIELD = "idemtask_fingerprint"
+#: ``[task name, message id]`` the carried key was derived for.
+BOUND_FIELD = "idemtask_bound"
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One task invocation, as the store knows it."""
+
+    task_name: str
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """How the calls of one task are keyed: its name, the function its arguments bind to,
+    and its policy (key spec, key version, payload validation)."""
+
+    task_name: str
+    fn: Callable[..., Any]
+    policy: Policy
+
+    def call(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        *,
+        explicit: str | None = None,
+    ) -> Call:
+        """Derive the call's key from its arguments, or from a caller-given string.
+
+        Raises ``KeyDerivationError`` naming the argument that cannot be keyed. With an
+        explicit key and ``validate_payload=False`` the arguments are not encoded at all,
+        so they need not be keyable.
+        """
+        call_args = tuple(args or ())
+        call_kwargs = dict(kwargs or {})
+        policy = self.policy
+        version = policy.idempotency_key_version
+        if explicit is not None and not policy.validate_payload:
+            derived = explicit_key(self.task_name, explicit, version=version)
+            return Call(self.task_name, derived.key, derived.fingerprint)
+        arguments = bind_arguments(self.fn, call_args, call_kwargs, task_name=self.task_name)
+        if explicit is not None:
+            derived = explicit_key(self.task_name, explicit, version=version, arguments=arguments)
+        else:
+            derived = derive_key(
+                self.task_name,
+                arguments,
+                spec=policy.idempotency_key,
+                version=version,
+                args=call_args,
+                kwargs=call_kwargs,
+            )
+        return Call(self.task_name, derived.key, derived.fingerprint)
+
+    def carried(self, fields: Mapping[str, Any] | None, message_id: str) -> Call | None:
+        """The call a message carries, if it was derived for this task and this message.
+
+        Messages from before keys were bound carry no binding; their key is trusted.
+        """
+        if not fields:
+            return None
+        key = fields.get(KEY_FIELD)
+        if not key or not isinstance(key, str):
+            return None
+        bound = fields.get(BOUND_FIELD)
+        if bound is not None and list(bound) != [self.task_name, message_id]:
+            return None
+        return Call(self.task_name, key, str(fields.get(FINGERPRINT_FIELD) or ""))
+
+    def resolve(
+        self,
+        fields: Mapping[str, Any] | None,
+        message_id: str,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+    ) -> Call:
+        """The carried call, else one derived again from the delivered arguments
+        (``send_task`` by name, beat, a producer in another language, a forwarded header)."""
+        return self.carried(fields, message_id) or self.call(args, kwargs)
+
+
+def carry(call: Call, message_id: str, fields: MutableMapping[str, Any]) -> None:
+    """Write the call's identity into a message's headers or options."""
+    fields[KEY_FIELD] = call.key
+    fields[FINGERPRINT_FIELD] = call.fingerprint
+    fields[BOUND_FIELD] = [call.task_name, message_id]
+
+
+def strip(fields: MutableMapping[str, Any]) -> None:
+    """Remove a carried identity (before forwarding fields to another message)."""
+    for name in (KEY_FIELD, FINGERPRINT_FIELD, BOUND_FIELD):
+        fields.pop(name, None)
