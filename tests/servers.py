@@ -6,6 +6,7 @@ from idemtask.testing.servers import (
     RedisServer,
     free_port,
     free_ports,
+    terminate_session,
 )
 
-__all__ = ["LOOPBACK", "RabbitMQServer", "RedisServer", "free_port", "free_ports"]
+__all__ = ["LOOPBACK", "RabbitMQServer", "RedisServer", "free_port", "free_ports", "terminate_session"]
