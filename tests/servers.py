@@ -9,4 +9,11 @@ from idemtask.testing.servers import (
     terminate_session,
 )
 
-__all__ = ["LOOPBACK", "RabbitMQServer", "RedisServer", "free_port", "free_ports", "terminate_session"]
+__all__ = [
+    "LOOPBACK",
+    "RabbitMQServer",
+    "RedisServer",
+    "free_port",
+    "free_ports",
+    "terminate_session",
+]
