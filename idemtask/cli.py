@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -75,6 +76,24 @@ def main(ctx: click.Context, redis_url: str | None, key_prefix: str | None, debu
     """idemtask: idempotent Celery tasks and Dramatiq actors."""
     explicit = {k: v for k, v in (("redis_url", redis_url), ("key_prefix", key_prefix)) if v}
     ctx.obj = explicit
+    _setup_django()
+
+
+def _setup_django() -> None:
+    """Load Django settings when ``DJANGO_SETTINGS_MODULE`` names them, as ``manage.py``
+    does (the project directory on the path), so ``settings.IDEMTASK`` applies here too."""
+    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        return
+    try:
+        import django  # type: ignore[import-untyped, import-not-found, unused-ignore]
+    except ImportError:
+        return
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        django.setup()
+    except Exception as exc:
+        raise Fail(f"DJANGO_SETTINGS_MODULE is set but Django could not start: {exc}") from exc
 
 
 def _settings(ctx: click.Context) -> Settings:

@@ -21,6 +21,7 @@ from celery.result import AsyncResult, EagerResult
 from kombu.utils.uuid import uuid
 
 from idemtask.celery.config import app_settings, codec_for, task_policy
+from idemtask.celery.django import OnCommit
 from idemtask.errors import (
     AlreadyRunningError,
     ConfigurationError,
@@ -72,7 +73,7 @@ _running: contextvars.ContextVar[tuple[_Running, ...]] = contextvars.ContextVar(
 )
 
 
-class IdempotentTask(Task):  # type: ignore[misc]
+class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
     """A Celery task that runs its body at most once per idempotency key.
 
     Use per task (``@app.task(base=IdempotentTask, lease=30)``) or for a whole app
