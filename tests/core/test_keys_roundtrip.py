@@ -347,6 +347,7 @@ def test_surrogate_pairs_key_as_the_character_json_reads_back() -> None:
     [
         ({1: 0.1, "a": [1.0, (2,)]}, {"celery-json": True, "dramatiq-json": True}),
         (b"\x00\xff", {"celery-json": True, "dramatiq-json": False}),
+        (bytearray(b"a"), {"celery-json": False, "dramatiq-json": False}),
         (Decimal("1.50"), {"celery-json": True, "dramatiq-json": False}),
         (uuid.UUID(int=7), {"celery-json": True, "dramatiq-json": False}),
         (
@@ -370,3 +371,8 @@ def test_what_each_type_survives(value: object, survives_json: dict[str, bool]) 
         assert worker_key(serializer, value) == caller, serializer
     for serializer, survives in survives_json.items():
         assert worker_key(serializer, value) == (caller if survives else None), serializer
+
+
+def test_memoryview_keys_as_bytes_and_no_serializer_sends_it() -> None:
+    assert same(memoryview(b"a"), b"a")
+    assert all(worker_key(serializer, memoryview(b"a")) is None for serializer in SERIALIZERS)
