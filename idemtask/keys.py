@@ -137,7 +137,7 @@ def _encode_float(value: float) -> bytes:
 
 def _encode_str(value: str) -> bytes:
     try:
-        body = value.encode("utf-8")
+        body = value.encode()
     except UnicodeEncodeError:
         # JSON writes surrogates as escapes and reads an escaped pair back as one character:
         # "\ud83d\ude00" arrives as "\U0001f600". Pair them here too; lone ones stay as they are.
@@ -204,17 +204,24 @@ def _encode_mapping_key(key: object) -> bytes:
     return _encode(key)
 
 
-def _collision(value: Mapping[Any, Any], key: object, encoded_key: bytes) -> _Unencodable:
-    first = next(other for other in value if _encode_mapping_key(other) == encoded_key)
-    return _Unencodable(
-        f"mapping keys {_short_repr(first)} and {_short_repr(key)} are one key once "
-        "serialized to JSON, which keeps only one of their values; use distinct keys",
-        [_key_segment(key)],
-    )
+def _collision(value: Mapping[Any, Any]) -> _Unencodable:
+    seen: dict[bytes, object] = {}
+    for key in value:
+        encoded_key = _encode_mapping_key(key)
+        if encoded_key in seen:
+            return _Unencodable(
+                f"mapping keys {_short_repr(seen[encoded_key])} and {_short_repr(key)} are one "
+                "key once serialized to JSON, which keeps only one of their values; "
+                "use distinct keys",
+                [_key_segment(key)],
+            )
+        seen[encoded_key] = key
+    raise AssertionError("no two keys collide")  # pragma: no cover
 
 
 def _encode_mapping(value: Mapping[Any, Any]) -> bytes:
-    pairs: dict[bytes, bytes] = {}
+    keys = []
+    pairs = []
     lookup = _ENCODERS.get
     for key, item in value.items():
         try:
@@ -223,23 +230,27 @@ def _encode_mapping(value: Mapping[Any, Any]) -> bytes:
             raise _Unencodable(
                 f"cannot use this value as a mapping key: {err.message}", [_key_segment(key)]
             ) from None
-        if encoded_key in pairs:
-            raise _collision(value, key, encoded_key)
+        keys.append(encoded_key)
         try:
             encoder = lookup(type(item))
-            pairs[encoded_key] = encoder(item) if encoder is not None else _encode_other(item)
+            pairs.append(
+                encoded_key + (encoder(item) if encoder is not None else _encode_other(item))
+            )
         except _Unencodable as err:
             err.segments.append(_key_segment(key))
             raise
-    if len(pairs) == 2 and pairs.keys() == _KOMBU_TAGGED:
+    if len(set(keys)) != len(keys):
+        raise _collision(value)
+    if len(keys) == 2 and _KOMBU_TAGGED.issuperset(keys):
         raise _Unencodable(
             "a mapping whose only keys are '__type__' and '__value__' is read back by "
             "Celery's JSON serializer (kombu) as another type, not as this mapping; "
             "add or rename a key"
         )
-    # An encoding's tag and length fix its size, so no key's encoding is a prefix of another's
-    # and sorting by key alone gives one order for any insertion order.
-    body = b"".join([encoded_key + pairs[encoded_key] for encoded_key in sorted(pairs)])
+    # An encoding's tag and length fix its size, so no key's encoding is a prefix of another's:
+    # with no two keys alike, sorting whole pairs orders them by key.
+    pairs.sort()
+    body = b"".join(pairs)
     return _HEAD(b"d", len(body)) + body
 
 
