@@ -136,7 +136,13 @@ def _encode_float(value: float) -> bytes:
 
 
 def _encode_str(value: str) -> bytes:
-    body = value.encode("utf-8", "surrogatepass")
+    try:
+        body = value.encode()
+    except UnicodeEncodeError:
+        # JSON writes surrogates as escapes and reads an escaped pair back as one character:
+        # "\ud83d\ude00" arrives as "\U0001f600". Pair them here too; lone ones stay as they are.
+        paired = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+        body = paired.encode("utf-8", "surrogatepass")
     return _HEAD(b"s", len(body)) + body
 
 
@@ -159,17 +165,72 @@ def _encode_sequence(value: Sequence[Any]) -> bytes:
     return _HEAD(b"l", len(body)) + body
 
 
+_NULL_KEY = _encode_str("null")
+_TRUE_KEY = _encode_str("true")
+_FALSE_KEY = _encode_str("false")
+# kombu's JSON reads a mapping with exactly these two keys back as a tagged value.
+_KOMBU_TAGGED = frozenset({_encode_str("__type__"), _encode_str("__value__")})
+
+
+def _encode_mapping_key(key: object) -> bytes:
+    """A mapping key as JSON writes it, so ``{1: x}`` keys like the ``{"1": x}`` a worker reads.
+
+    JSON object keys are strings: ``None``, ``bool``, ``int`` and ``float`` keys (and enum
+    members with such values) become the string JSON writes for them. Other hashable types
+    (tuples, dates, ``Decimal``...) keep their tagged encoding: JSON refuses them at send, and
+    pickle and YAML carry them as they are.
+    """
+    if isinstance(key, enum.Enum):
+        return _encode_mapping_key(key.value)
+    if isinstance(key, str):
+        return _encode_str(str.__str__(key))
+    if key is None:
+        return _NULL_KEY
+    if key is True:
+        return _TRUE_KEY
+    if key is False:
+        return _FALSE_KEY
+    if isinstance(key, int):
+        try:
+            return _encode_str(int.__repr__(key))
+        except ValueError:  # more digits than sys.get_int_max_str_digits(): JSON fails too
+            raise _Unencodable("int has too many digits to be written as a JSON key") from None
+    if isinstance(key, float):
+        if not math.isfinite(key):
+            raise _Unencodable(
+                f"float {key!r}: NaN never equals itself and infinity has no JSON form"
+            )
+        return _encode_str(float.__repr__(key))
+    return _encode(key)
+
+
+def _collision(value: Mapping[Any, Any]) -> _Unencodable:
+    seen: dict[bytes, object] = {}
+    for key in value:
+        encoded_key = _encode_mapping_key(key)
+        if encoded_key in seen:
+            return _Unencodable(
+                f"mapping keys {_short_repr(seen[encoded_key])} and {_short_repr(key)} are one "
+                "key once serialized to JSON, which keeps only one of their values; "
+                "use distinct keys",
+                [_key_segment(key)],
+            )
+        seen[encoded_key] = key
+    raise AssertionError("no two keys collide")  # pragma: no cover
+
+
 def _encode_mapping(value: Mapping[Any, Any]) -> bytes:
+    keys = []
     pairs = []
     lookup = _ENCODERS.get
     for key, item in value.items():
         try:
-            encoder = lookup(type(key))
-            encoded_key = encoder(key) if encoder is not None else _encode_other(key)
+            encoded_key = _encode_str(key) if type(key) is str else _encode_mapping_key(key)
         except _Unencodable as err:
             raise _Unencodable(
                 f"cannot use this value as a mapping key: {err.message}", [_key_segment(key)]
             ) from None
+        keys.append(encoded_key)
         try:
             encoder = lookup(type(item))
             pairs.append(
@@ -178,9 +239,16 @@ def _encode_mapping(value: Mapping[Any, Any]) -> bytes:
         except _Unencodable as err:
             err.segments.append(_key_segment(key))
             raise
+    if len(set(keys)) != len(keys):
+        raise _collision(value)
+    if len(keys) == 2 and _KOMBU_TAGGED.issuperset(keys):
+        raise _Unencodable(
+            "a mapping whose only keys are '__type__' and '__value__' is read back by "
+            "Celery's JSON serializer (kombu) as another type, not as this mapping; "
+            "add or rename a key"
+        )
     # An encoding's tag and length fix its size, so no key's encoding is a prefix of another's:
-    # sorting whole pairs orders by key, and the value only breaks ties between distinct keys
-    # that encode alike (an Enum member and its value).
+    # with no two keys alike, sorting whole pairs orders them by key.
     pairs.sort()
     body = b"".join(pairs)
     return _HEAD(b"d", len(body)) + body

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, get_args
 
 from idemtask.errors import ConfigurationError
+from idemtask.keys import KeySpec
 
 OnDuplicate = Literal["return_existing", "raise", "enqueue"]
 OnRunning = Literal["defer", "wait", "raise", "drop"]
 OnStoreError = Literal["defer", "run", "raise"]
-KeySpec = tuple[str, ...] | Callable[..., Any] | None
 
 
 @dataclass(frozen=True, slots=True)
