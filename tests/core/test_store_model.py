@@ -14,17 +14,21 @@ The durations are chosen so that forks are rare: steps of time are whole multipl
 from __future__ import annotations
 
 import copy
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
+import idemtask.store
 from idemtask.store import Lease, MemoryStore, Outcome, Record, RedisStore, State, Status, Store
+from idemtask.store.base import RECORD_FIELDS, SCRIPT_REPLIES
 
 STEP_MS = 100
 LEASE_MS = 130
@@ -584,3 +588,14 @@ def test_redis_store_follows_the_model(redis_url: str) -> None:
     run_state_machine_as_test(
         machine, settings=settings(max_examples=60, stateful_step_count=30, **COMMON)
     )
+
+
+def test_the_scripts_keep_to_the_documented_record() -> None:
+    """Every hash field a script reads or writes, and every script, is in the legend."""
+    lua = Path(idemtask.store.__file__).parent / "lua"
+    scripts = {path.stem: path.read_text() for path in lua.glob("*.lua") if path.stem[0] != "_"}
+    assert set(scripts) == set(SCRIPT_REPLIES)
+    for name, source in scripts.items():
+        code = re.sub(r"--[^\n]*", "", source)
+        used = set(re.findall(r"'([a-z])'", code))  # a one-letter string is a hash field
+        assert used <= set(RECORD_FIELDS), (name, used - set(RECORD_FIELDS))
