@@ -57,8 +57,9 @@ class MemoryStore:
         self._deadlines: list[tuple[int, str]] = []  # heap: (expires_ms, key), may be stale
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        """Records held, expired ones not yet swept included."""
+    def records_held(self) -> int:
+        """How many records the store holds in memory (expired ones are swept by every
+        operation, so this counts them only until the next one)."""
         return len(self._rows)
 
     def _now(self) -> int:
