@@ -65,10 +65,11 @@ class Policy:
     def _check(self, source: str) -> None:
         if self.lease <= 0:
             raise ConfigurationError(f"{source}: lease must be > 0 seconds, got {self.lease}")
-        if self.result_ttl < self.lease:
+        if self.result_ttl <= 0:
+            # Any positive value is safe with any lease: a record lives the result TTL past
+            # the end of every lease on it (docs/architecture.md, "Record lifetime").
             raise ConfigurationError(
-                f"{source}: result_ttl ({self.result_ttl}s) must be at least the lease "
-                f"({self.lease}s), or records would expire while held"
+                f"{source}: result_ttl must be > 0 seconds, got {self.result_ttl}"
             )
         if self.reservation_ttl <= 0 or self.wait_timeout < 0:
             raise ConfigurationError(

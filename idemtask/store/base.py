@@ -12,6 +12,61 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+#: The record's hash fields in Redis (``{prefix}:{<key>}``), for readers of the Lua scripts,
+#: ``redis.py`` and ``redis-cli HGETALL``. Times are server milliseconds (Redis ``TIME``).
+RECORD_FIELDS: dict[str, str] = {
+    "s": "state: queued, running, done, failed or idle",
+    "t": "task id (the framework's message or task id)",
+    "f": "payload fingerprint ('' or absent: not validated)",
+    "l": "deadline of the lease (running) or of the reservation (queued); 0 when none",
+    "x": "has-result flag, '1' or '0', so a stored null differs from no result",
+    "r": "the encoded result (only when x is '1')",
+    "k": "fencing token, + 1 on every acquire that hands out a lease",
+    "d": "deliveries in a row that took the lease and never reported back",
+    "e": "error: the terminal or poison error, or the last retryable one",
+    "h": "holder: the attempt id of the lease (absent once released or finished)",
+    "n": "task name",
+    "c": "created at",
+    "u": "updated at (every transition but renew)",
+    "g": "the result TTL (ms) the record outlives its lease by: set by acquire, read by renew",
+}
+
+#: What each script answers (a Lua table is a Redis array); ``redis.py`` turns it into an
+#: ``Outcome``. Every script takes KEYS[1] = the record.
+SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
+    "reserve": (
+        "ARGV: task_id, task_name, fingerprint, reservation_ms, ttl_ms",
+        "{'new', task_id}",
+        "{'duplicate', task_id, state, has_result, result}",
+        "{'conflict', task_id}",
+    ),
+    "cancel": (
+        "ARGV: task_id",
+        "{'released', task_id}",
+        "{'stale', task_id or '', state or ''}",
+    ),
+    "acquire": (
+        "ARGV: task_id, attempt_id, task_name, fingerprint, lease_ms, max_deliveries, ttl_ms",
+        "{'acquired', task_id, token, takeover (0/1), deliveries}",
+        "{'busy', task_id, lease ms left}",
+        "{'done', task_id, has_result, result}",
+        "{'failed', task_id, error}",
+        "{'poisoned', task_id, deliveries, error}",
+        "{'conflict', task_id}",
+    ),
+    "renew": ("ARGV: attempt_id, token, lease_ms", "1 (still held) or 0 (lost)"),
+    "complete": (
+        "ARGV: attempt_id, token, has_result ('1'/'0'), result, ttl_ms",
+        "{'completed', task_id}",
+        "{'stale', task_id or '', state or '', has_result, result}",
+    ),
+    "release": (
+        "ARGV: attempt_id, token, error, terminal ('1'/'0'), ttl_ms",
+        "{'released', task_id}",
+        "{'stale', task_id or '', state or ''}",
+    ),
+}
+
 
 class State(str, enum.Enum):
     """Where a key's record is in its life."""

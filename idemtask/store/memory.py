@@ -1,11 +1,14 @@
 """MemoryStore: the same contract in one process (the demo, eager mode, unit tests).
 
-It mirrors the Lua scripts step for step under one lock. It guards nothing across
-processes: use RedisStore for real workers.
+It mirrors the Lua scripts step for step under one lock, record lifetimes included (see
+``docs/architecture.md``). Expired records are dropped as the clock passes their deadline
+(a heap of deadlines, swept on every operation), not only when their key is touched again.
+It guards nothing across processes: use RedisStore for real workers.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +32,16 @@ class _Row:
     created_ms: int
     updated_ms: int
     expires_ms: int
+    grace_ms: int = 0  # the result TTL the record outlives a lease by ('g' in Redis)
+    swept_at_ms: int = 0  # the earliest deadline the sweep heap holds for this row
+
+    def keep_ttl(self, now: int, ttl_ms: int) -> None:
+        """A record still in play lives at least ``ttl_ms`` more, never less than before."""
+        self.expires_ms = max(self.expires_ms, now + ttl_ms)
+
+    def set_ttl(self, now: int, ttl_ms: int) -> None:
+        """A terminal record lives exactly ``ttl_ms`` more."""
+        self.expires_ms = now + ttl_ms
 
 
 def _conflicts(stored: str, given: str) -> bool:
@@ -41,10 +54,43 @@ class MemoryStore:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._rows: dict[str, _Row] = {}
+        self._deadlines: list[tuple[int, str]] = []  # heap: (expires_ms, key), may be stale
         self._lock = threading.Lock()
 
+    def records_held(self) -> int:
+        """How many records the store holds in memory (expired ones are swept by every
+        operation, so this counts them only until the next one)."""
+        return len(self._rows)
+
     def _now(self) -> int:
-        return int(self._clock() * 1000)
+        """The time in ms, after dropping every record that expired by then."""
+        now = int(self._clock() * 1000)
+        self._sweep(now)
+        return now
+
+    def _sweep(self, now: int) -> None:
+        """Drop the records whose deadline passed: O(log n) per record and per write.
+
+        Each row has a heap entry at ``swept_at_ms``, never after its deadline. An entry
+        that comes due for a row whose TTL was extended meanwhile is pushed again at the new
+        deadline, so renewals do not grow the heap; entries of forgotten rows are skipped.
+        """
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            due, key = heapq.heappop(heap)
+            row = self._rows.get(key)
+            if row is None:
+                continue
+            if row.expires_ms <= now:
+                del self._rows[key]
+            elif row.swept_at_ms == due:
+                self._track(key, row, again=True)
+
+    def _track(self, key: str, row: _Row, *, again: bool = False) -> None:
+        """After a write: give the heap an entry for ``row`` no later than its deadline."""
+        if again or row.swept_at_ms == 0 or row.expires_ms < row.swept_at_ms:
+            row.swept_at_ms = row.expires_ms
+            heapq.heappush(self._deadlines, (row.expires_ms, key))
 
     def _live(self, key: str, now: int) -> _Row | None:
         row = self._rows.get(key)
@@ -83,7 +129,8 @@ class MemoryStore:
             row.lease_until_ms, row.updated_ms = now + reservation_ms, now
             if fingerprint:
                 row.fingerprint = fingerprint
-            row.expires_ms = now + max(ttl_ms, reservation_ms)
+            row.keep_ttl(now, max(ttl_ms, reservation_ms))
+            self._track(key, row)
             return Outcome(Status.NEW, task_id=task_id)
 
     def cancel(self, key: str, *, task_id: str) -> Outcome:
@@ -137,11 +184,11 @@ class MemoryStore:
                     takeover = True
             else:
                 row = self._rows[key] = _blank(now)
-            ttl = max(ttl_ms, lease_ms)
             if row.deliveries >= max_deliveries:
                 row.error = f"poison: {row.deliveries} deliveries ended without a result"
                 row.state, row.holder, row.lease_until_ms, row.updated_ms = State.FAILED, "", 0, now
-                row.expires_ms = now + ttl
+                row.set_ttl(now, ttl_ms)
+                self._track(key, row)
                 return Outcome(
                     Status.POISONED,
                     task_id=row.task_id,
@@ -157,7 +204,9 @@ class MemoryStore:
                 task_name,
                 attempt_id,
             )
-            row.lease_until_ms, row.updated_ms, row.expires_ms = now + lease_ms, now, now + ttl
+            row.lease_until_ms, row.updated_ms, row.grace_ms = now + lease_ms, now, ttl_ms
+            row.keep_ttl(now, lease_ms + ttl_ms)
+            self._track(key, row)
             if fingerprint:
                 row.fingerprint = fingerprint
             return Outcome(
@@ -191,7 +240,7 @@ class MemoryStore:
                 row = self._held(lease.key, lease.attempt_id, lease.token, now)
                 if row is not None:
                     row.lease_until_ms = now + lease.lease_ms
-                    row.expires_ms = max(row.expires_ms, now + lease.lease_ms)
+                    row.keep_ttl(now, lease.lease_ms + row.grace_ms)  # never lowered: no _track
                 answers.append(row is not None)
         return answers
 
@@ -220,7 +269,8 @@ class MemoryStore:
             row.state, row.holder, row.error = State.DONE, "", ""
             row.result = None if result is None else StoredResult(result)
             row.lease_until_ms, row.deliveries, row.updated_ms = 0, 0, now
-            row.expires_ms = now + result_ttl_ms
+            row.set_ttl(now, result_ttl_ms)
+            self._track(key, row)
             return Outcome(Status.COMPLETED, task_id=row.task_id, state=row.state)
 
     def release(
@@ -245,7 +295,12 @@ class MemoryStore:
                 )
             row.state = State.FAILED if terminal else State.IDLE
             row.holder, row.error, row.lease_until_ms, row.deliveries = "", error, 0, 0
-            row.updated_ms, row.expires_ms = now, now + ttl_ms
+            row.updated_ms = now
+            if terminal:
+                row.set_ttl(now, ttl_ms)
+            else:
+                row.keep_ttl(now, ttl_ms)
+            self._track(key, row)
             return Outcome(Status.RELEASED, task_id=row.task_id, state=row.state)
 
     def inspect(self, key: str) -> Record | None:
@@ -256,7 +311,7 @@ class MemoryStore:
 
     def forget(self, key: str) -> bool:
         with self._lock:
-            return self._rows.pop(key, None) is not None
+            return self._live(key, self._now()) is not None and self._rows.pop(key) is not None
 
     def scan(self, *, batch: int = 500) -> Iterator[Record]:
         with self._lock:

@@ -51,7 +51,7 @@ def test_environment_strings_are_coerced() -> None:
         ({"leese": 3}, "unknown idemtask setting(s) leese"),
         ({"lease": "soon"}, "invalid value 'soon' for option lease"),
         ({"lease": 0}, "lease must be > 0"),
-        ({"lease": 100, "result_ttl": 10}, "result_ttl (10.0s) must be at least the lease"),
+        ({"result_ttl": 0}, "result_ttl must be > 0 seconds, got 0.0"),
         ({"on_running": "skip"}, "on_running must be one of defer, wait, raise, drop"),
         ({"redis_url": "http://x"}, "redis_url must be a redis://"),
         ({"terminal_exceptions": ["no.such.Error"]}, "cannot import 'no.such.Error'"),

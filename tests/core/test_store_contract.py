@@ -272,6 +272,51 @@ def test_poison_after_the_delivery_cap(store: Store) -> None:
     assert acquire(store, key, "a3", max_deliveries=2).status is Status.FAILED
 
 
+def _run_long_then_crash(store: Store, key: str, attempt: str, ttl_ms: int) -> Outcome:
+    """Take the key, renew it for longer than ``ttl_ms - LEASE_MS``, then stop renewing
+    (the worker died) and wait until the lease is over."""
+    out = acquire(store, key, attempt, ttl_ms=ttl_ms, max_deliveries=2)
+    assert out.status is Status.ACQUIRED
+    run_until = time.monotonic() + ttl_ms / 1000 + 0.2
+    while time.monotonic() < run_until:
+        time.sleep(LEASE_MS / 4000)
+        assert store.renew(Lease(key, attempt, out.token, LEASE_MS)) is True
+    expire_lease()
+    return out
+
+
+def test_a_long_run_that_stops_renewing_keeps_its_token_and_delivery_count(store: Store) -> None:
+    key, ttl_ms = new_key(), 2 * LEASE_MS
+    first = _run_long_then_crash(store, key, "a1", ttl_ms)
+    second = _run_long_then_crash(store, key, "a2", ttl_ms)
+    # The record outlived both leases: the token went up and both crashes were counted.
+    assert (second.token, second.takeover, second.deliveries) == (first.token + 1, True, 2)
+    out = acquire(store, key, "a3", ttl_ms=ttl_ms, max_deliveries=2)
+    assert out.status is Status.POISONED and out.deliveries == 2
+
+
+def test_a_result_ttl_equal_to_the_lease_outlives_the_lease(store: Store) -> None:
+    key = new_key()
+    first = acquire(store, key, "a1", ttl_ms=LEASE_MS)
+    expire_lease()
+    out = acquire(store, key, "a2", ttl_ms=LEASE_MS)
+    assert (out.status, out.token, out.takeover, out.deliveries) == (
+        Status.ACQUIRED,
+        first.token + 1,
+        True,
+        2,
+    )
+
+
+def test_a_running_record_outlives_its_lease_by_the_result_ttl(store: Store) -> None:
+    key = new_key()
+    acquire(store, key, "a1", ttl_ms=5_000)
+    assert store.renew(Lease(key, "a1", 1, LEASE_MS)) is True
+    record = store.inspect(key)
+    # lease time left (at most LEASE_MS) + the result TTL; a renewal never lowers it.
+    assert record is not None and record.ttl_ms > 5_000
+
+
 def test_release_to_idle_resets_the_delivery_count(store: Store) -> None:
     key = new_key()
     for i in range(4):

@@ -6,7 +6,11 @@ if r[1] == 'running' and r[2] == ARGV[1] and r[3] == ARGV[2] then
   if ARGV[4] == '1' then state = 'failed' end
   redis.call('HSET', KEYS[1], 's', state, 'e', ARGV[3], 'l', 0, 'd', 0, 'u', now_ms())
   redis.call('HDEL', KEYS[1], 'h')
-  set_ttl(KEYS[1], tonumber(ARGV[5]))
+  if state == 'failed' then
+    set_ttl(KEYS[1], tonumber(ARGV[5]))
+  else
+    keep_ttl(KEYS[1], tonumber(ARGV[5]))
+  end
   return {'released', r[4]}
 end
 return {'stale', r[4] or '', r[1] or ''}

@@ -16,5 +16,5 @@ end
 redis.call('HSET', KEYS[1], 's', 'queued', 't', ARGV[1], 'n', ARGV[2],
   'l', now + tonumber(ARGV[4]), 'u', now)
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'f', ARGV[3]) end
-set_ttl(KEYS[1], math.max(tonumber(ARGV[5]), tonumber(ARGV[4])))
+keep_ttl(KEYS[1], math.max(tonumber(ARGV[5]), tonumber(ARGV[4])))
 return {'new', ARGV[1]}
