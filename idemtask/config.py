@@ -13,6 +13,7 @@ from typing import Any
 
 from idemtask.errors import ConfigurationError
 from idemtask.policy import MAX_COUNT, MAX_SECONDS, POLICY_OPTIONS, Policy, with_hints
+from idemtask.redact import redact_url
 
 ENV_PREFIX = "IDEMTASK_"
 STORE_SETTINGS = frozenset({"redis_url", "key_prefix", "wait_replicas", "wait_timeout_ms"})
@@ -44,6 +45,13 @@ class Settings:
     def uses_memory_store(self) -> bool:
         return self.redis_url == MEMORY_URL
 
+    def __repr__(self) -> str:  # the URL's password must not reach a log or a traceback
+        return (
+            f"Settings(redis_url={redact_url(self.redis_url)!r}, key_prefix={self.key_prefix!r}, "
+            f"defaults={self.defaults!r}, wait_replicas={self.wait_replicas!r}, "
+            f"wait_timeout_ms={self.wait_timeout_ms!r})"
+        )
+
 
 def resolve_settings(
     explicit: Mapping[str, Any] | None = None,
@@ -72,7 +80,7 @@ def resolve_settings(
     if not isinstance(redis_url, str) or not redis_url.startswith(URL_SCHEMES):
         raise ConfigurationError(
             "redis_url must be a redis://, rediss://, unix://, redis+cluster://, "
-            f"rediss+cluster://, redis+sentinel:// or memory:// URL, got {redis_url!r}"
+            f"rediss+cluster://, redis+sentinel:// or memory:// URL, got {_shown(redis_url)}"
         )
     if not isinstance(key_prefix, str) or not key_prefix or "{" in key_prefix:
         raise ConfigurationError(
@@ -88,6 +96,10 @@ def resolve_settings(
             store.get("wait_timeout_ms", 100), "wait_timeout_ms", minimum=1, maximum=MAX_MS
         ),
     )
+
+
+def _shown(value: Any) -> str:
+    return repr(redact_url(value)) if isinstance(value, str) else repr(value)
 
 
 def _count(value: Any, name: str, *, minimum: int, maximum: int = MAX_COUNT) -> int:
