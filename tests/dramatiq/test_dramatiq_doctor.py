@@ -157,7 +157,7 @@ def test_doctor_shows_no_password(fresh_redis, caplog) -> None:
         assert "store.reachable" in text and "***" in text and SECRET not in text
         assert SECRET not in repr(broker.middleware)
     with pytest.raises(ConfigurationError) as info:
-        IdempotencyMiddleware(redis_url=f"redis+sentinel://:{SECRET}@h:1/svc/x").guard
+        _ = IdempotencyMiddleware(redis_url=f"redis+sentinel://:{SECRET}@h:1/svc/x").guard
     assert SECRET not in str(info.value)
     for record in caplog.records:
         assert SECRET not in record.getMessage()
