@@ -125,7 +125,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return value.strip().lower() in _TRUE
         raise bad
     if name in _FLOATS:
-        return _seconds(name, value, source)
+        return check_seconds(name, value, source=source)
     if name in _INTS:
         return _count(name, value, source)
     if name == "terminal_exceptions":
@@ -135,8 +135,9 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     raise bad  # pragma: no cover - every option is handled above
 
 
-def _seconds(name: str, value: Any, source: str) -> float:
-    """A duration: NaN and infinity pass every comparison or overflow later, so refuse them."""
+def check_seconds(name: str, value: Any, *, source: str) -> float:
+    """A duration in seconds: NaN and infinity pass every comparison or overflow later, and
+    more than ``MAX_SECONDS`` overflows what the store keeps, so all are refused."""
     try:
         number = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError, OverflowError):

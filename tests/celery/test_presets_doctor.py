@@ -216,3 +216,9 @@ def test_doctor_and_worker_start_show_no_password(
     assert any(r.levelno == logging.CRITICAL for r in caplog.records)
     for record in caplog.records:
         assert SECRET not in record.getMessage()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e300])
+def test_preset_refuses_a_visibility_timeout_that_is_no_duration(value: float) -> None:
+    with pytest.raises(ConfigurationError, match="for option visibility_timeout: a finite"):
+        presets.at_least_once(value)

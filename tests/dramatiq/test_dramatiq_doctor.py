@@ -161,3 +161,10 @@ def test_doctor_shows_no_password(fresh_redis, caplog) -> None:
     assert SECRET not in str(info.value)
     for record in caplog.records:
         assert SECRET not in record.getMessage()
+
+
+@pytest.mark.parametrize("option", ["lease", "result_ttl", "wait_timeout", "min_backoff"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_presets_refuse_durations_that_are_not_finite(option: str, value: float) -> None:
+    with pytest.raises(ConfigurationError, match=f"for option {option}: a finite number"):
+        presets.at_least_once(**{option: value})
