@@ -99,7 +99,8 @@ def resolve_settings(
 
 
 def _shown(value: Any) -> str:
-    return repr(redact_url(value)) if isinstance(value, str) else repr(value)
+    """A setting's value for an error message: a URL without its secrets, else its type."""
+    return repr(redact_url(value)) if isinstance(value, str) else f"a {type(value).__name__}"
 
 
 def _count(value: Any, name: str, *, minimum: int, maximum: int = MAX_COUNT) -> int:

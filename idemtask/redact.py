@@ -11,9 +11,11 @@ MASK = "***"
 _SECRET_PARAMETER = re.compile(r"pass|pwd|token|secret|key|auth|credential", re.IGNORECASE)
 #: A URL inside a message: a scheme, ``://``, then anything up to a space or a quote.
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]*")
-#: ``password=value`` outside a URL (a client's repr, a connection-kwargs dump).
+#: ``password=value`` outside a URL (a client's repr) and ``'password': 'value'`` (a dict's).
 _SECRET_ASSIGNMENT = re.compile(
-    r"(\b[\w-]*(?:password|passwd|secret|token)[\w-]*=)([^\s,;&)>'\"]+)", re.IGNORECASE
+    r"""(\b[\w-]*(?:password|passwd|secret|token)[\w-]*=|"""
+    r"""['"][\w-]*(?:password|passwd|secret|token)[\w-]*['"]:\s*['"]?)([^\s,;&)>'"}]+)""",
+    re.IGNORECASE,
 )
 
 

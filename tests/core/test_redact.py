@@ -57,6 +57,10 @@ def test_redact_text_finds_urls_and_assignments() -> None:
     assert SECRET not in redacted
     assert "'redis+sentinel://:***@h:1/s/x?sentinel_password=***'" in redacted
     assert "password=***,db=0" in redacted
+    options = {"sentinel_kwargs": {"password": SECRET}, "visibility_timeout": 60, "x_token": 1}
+    assert redact_text(repr(options)) == (
+        "{'sentinel_kwargs': {'password': '***'}, 'visibility_timeout': 60, 'x_token': ***}"
+    )
 
 
 def _urls(port: int) -> list[str]:
@@ -73,9 +77,10 @@ def _urls(port: int) -> list[str]:
         f"http://user:{SECRET}@h/0",
         f"http://h/0?password={SECRET}",
         f"sentinel://:{SECRET}@h:1/svc?sentinel_password={SECRET}",
+        {"host": "h", "password": SECRET},
     ],
 )
-def test_configuration_errors_carry_no_password(url: str) -> None:
+def test_configuration_errors_carry_no_password(url: object) -> None:
     with pytest.raises(ConfigurationError) as info:
         resolve_settings({"redis_url": url}, environ={})
     assert "redis_url must be a redis://" in str(info.value)
