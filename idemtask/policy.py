@@ -196,7 +196,7 @@ def check_option_names(
     """
     accepted = dict(spellings) if spellings is not None else {n: n for n in POLICY_OPTIONS}
     known = {**OPTION_SPELLINGS, **accepted}
-    mine = {option: spelling for spelling, option in sorted(accepted.items(), reverse=True)}
+    mine = {option: spelling for spelling, option in accepted.items()}
     problems = []
     for name in sorted(set(names) - set(accepted)):
         match = None if name.startswith("_") else close_match(name, known)
@@ -207,7 +207,7 @@ def check_option_names(
     if problems:
         raise ConfigurationError(
             f"{source}: unknown idemtask option(s) {', '.join(problems)}; valid options are "
-            f"{', '.join(sorted(accepted))} (rename an attribute not meant for idemtask)"
+            f"{', '.join(sorted(accepted))} (a name not meant for idemtask: rename it)"
         )
 
 
