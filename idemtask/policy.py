@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -170,7 +171,13 @@ def _count(name: str, value: Any, source: str) -> int:
 
 def close_match(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate ``name`` is most likely a misspelling of, if any is close enough."""
-    found = difflib.get_close_matches(name.lower(), sorted(candidates), n=1, cutoff=_CLOSE)
+    return _close_match(name.lower(), tuple(sorted(candidates)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _close_match(name: str, candidates: tuple[str, ...]) -> str | None:
+    # Cached: every task class of an app repeats the same attribute names (app, name, run).
+    found = difflib.get_close_matches(name, candidates, n=1, cutoff=_CLOSE)
     return found[0] if found else None
 
 
