@@ -20,6 +20,7 @@ import click
 from idemtask.config import Settings, resolve_settings
 from idemtask.errors import IdempotencyError
 from idemtask.findings import Finding, Level, has_errors
+from idemtask.redact import redact_text
 from idemtask.runtime import open_store
 from idemtask.store.base import Record, State, Store
 
@@ -29,7 +30,12 @@ EXIT_ERROR = 2
 
 
 class Fail(click.ClickException):
+    """One line on stderr; a URL's password in the message is masked."""
+
     exit_code = EXIT_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_text(message))
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.message}", err=True)

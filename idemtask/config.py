@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from idemtask.errors import ConfigurationError
-from idemtask.policy import POLICY_OPTIONS, Policy
+from idemtask.policy import MAX_COUNT, MAX_SECONDS, POLICY_OPTIONS, Policy, with_hints
+from idemtask.redact import redact_url
 
 ENV_PREFIX = "IDEMTASK_"
 STORE_SETTINGS = frozenset({"redis_url", "key_prefix", "wait_replicas", "wait_timeout_ms"})
 ALL_SETTINGS = STORE_SETTINGS | POLICY_OPTIONS
 MEMORY_URL = "memory://"
+MAX_MS = MAX_SECONDS * 1000
 URL_SCHEMES = (
     "redis://",
     "rediss://",
@@ -42,6 +44,13 @@ class Settings:
     @property
     def uses_memory_store(self) -> bool:
         return self.redis_url == MEMORY_URL
+
+    def __repr__(self) -> str:  # the URL's password must not reach a log or a traceback
+        return (
+            f"Settings(redis_url={redact_url(self.redis_url)!r}, key_prefix={self.key_prefix!r}, "
+            f"defaults={self.defaults!r}, wait_replicas={self.wait_replicas!r}, "
+            f"wait_timeout_ms={self.wait_timeout_ms!r})"
+        )
 
 
 def resolve_settings(
@@ -71,7 +80,7 @@ def resolve_settings(
     if not isinstance(redis_url, str) or not redis_url.startswith(URL_SCHEMES):
         raise ConfigurationError(
             "redis_url must be a redis://, rediss://, unix://, redis+cluster://, "
-            f"rediss+cluster://, redis+sentinel:// or memory:// URL, got {redis_url!r}"
+            f"rediss+cluster://, redis+sentinel:// or memory:// URL, got {_shown(redis_url)}"
         )
     if not isinstance(key_prefix, str) or not key_prefix or "{" in key_prefix:
         raise ConfigurationError(
@@ -83,18 +92,28 @@ def resolve_settings(
         defaults=policy,
         wait_replicas=_count(store.get("wait_replicas", 0), "wait_replicas", minimum=0),
         # WAIT with a timeout of 0 blocks until the replicas answer, however long that takes.
-        wait_timeout_ms=_count(store.get("wait_timeout_ms", 100), "wait_timeout_ms", minimum=1),
+        wait_timeout_ms=_count(
+            store.get("wait_timeout_ms", 100), "wait_timeout_ms", minimum=1, maximum=MAX_MS
+        ),
     )
 
 
-def _count(value: Any, name: str, *, minimum: int) -> int:
-    """An int of at least ``minimum`` (environment values arrive as strings)."""
+def _shown(value: Any) -> str:
+    """A setting's value for an error message: a URL without its secrets, else its type."""
+    return repr(redact_url(value)) if isinstance(value, str) else f"a {type(value).__name__}"
+
+
+def _count(value: Any, name: str, *, minimum: int, maximum: int = MAX_COUNT) -> int:
+    """An int in ``[minimum, maximum]`` (environment values arrive as strings); Redis WAIT
+    refuses larger numbers at the first completion."""
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = minimum - 1
-    if isinstance(value, (bool, float)) or number < minimum:
-        raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, (bool, float)) or not minimum <= number <= maximum:
+        raise ConfigurationError(
+            f"{name} must be an integer >= {minimum} and <= {maximum}, got {value!r}"
+        )
     return number
 
 
@@ -102,7 +121,7 @@ def _reject_unknown(layer: Mapping[str, Any], source: str) -> None:
     unknown = sorted(set(layer) - ALL_SETTINGS)
     if unknown:
         raise ConfigurationError(
-            f"{source}: unknown idemtask setting(s) {', '.join(unknown)}; "
+            f"{source}: unknown idemtask setting(s) {with_hints(unknown, ALL_SETTINGS)}; "
             f"valid settings are {', '.join(sorted(ALL_SETTINGS))}"
         )
 

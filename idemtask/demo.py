@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from idemtask.events import Decision, Event, add_observer, remove_observer
+from idemtask.redact import redact_url
 
 LEASE = 1.0  # seconds: short, so the crash scenario's lease runs out quickly
 
@@ -84,7 +85,7 @@ def run_demo(redis_url: str | None = None) -> bool:
     worker.start()
     checks: list[tuple[str, bool]] = []
     store = middleware.guard.store
-    where = redis_url or "the embedded in-process store (MemoryStore)"
+    where = redact_url(redis_url) if redis_url else "the embedded in-process store (MemoryStore)"
     click.secho(f"idemtask demo: a Dramatiq worker, idemtask's store on {where}\n", bold=True)
 
     def step(title: str) -> None:

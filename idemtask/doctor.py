@@ -9,6 +9,7 @@ import redis
 from idemtask.config import Settings
 from idemtask.errors import StoreUnavailable
 from idemtask.findings import Finding, Level
+from idemtask.redact import redact_text, redact_url
 from idemtask.runtime import open_store
 from idemtask.store.redis import RedisStore
 
@@ -40,13 +41,14 @@ def check_store(settings: Settings, *, in_process_broker: bool = False) -> list[
             Finding(
                 Level.ERROR,
                 "store.reachable",
-                f"cannot reach the store at {_safe(settings.redis_url)}: {exc}",
+                f"cannot reach the store at {redact_url(settings.redis_url)}: "
+                f"{redact_text(str(exc))}",
                 "start Redis or fix redis_url",
             )
         ]
     findings = [
         Finding(Level.OK, "store.shared", "a Redis store, shared by every worker"),
-        Finding(Level.OK, "store.reachable", f"store at {_safe(settings.redis_url)} answers"),
+        Finding(Level.OK, "store.reachable", f"store at {redact_url(settings.redis_url)} answers"),
     ]
     findings.append(_eviction(_text(memory.get("maxmemory_policy", "unknown"))))
     findings.append(_persistence(store, str(persistence.get("aof_enabled", 0)) == "1"))
@@ -84,11 +86,3 @@ def _persistence(store: RedisStore, aof: bool) -> Finding:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _safe(url: str) -> str:
-    """The URL without its password, for printing."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from idemtask.redact import redact_text
+
 
 class Level(str, enum.Enum):
     OK = "ok"
@@ -18,6 +20,11 @@ class Finding:
     code: str  # stable identifier, e.g. "celery.visibility_timeout"
     message: str  # what was found, with the values read
     fix: str = ""  # what to change, when level is not OK
+
+    def __post_init__(self) -> None:
+        # Findings quote settings and error messages: no URL's password gets through.
+        object.__setattr__(self, "message", redact_text(self.message))
+        object.__setattr__(self, "fix", redact_text(self.fix))
 
     def __str__(self) -> str:
         text = f"[{self.level.value.upper()}] {self.code}: {self.message}"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+import functools
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, get_args
 
@@ -54,7 +57,7 @@ class Policy:
         unknown = sorted(set(options) - POLICY_OPTIONS)
         if unknown:
             raise ConfigurationError(
-                f"{source}: unknown idemtask option(s) {', '.join(unknown)}; "
+                f"{source}: unknown idemtask option(s) {with_hints(unknown, POLICY_OPTIONS)}; "
                 f"valid options are {', '.join(sorted(POLICY_OPTIONS))}"
             )
         values = {name: _coerce(name, value, source) for name, value in options.items()}
@@ -84,6 +87,13 @@ class Policy:
 
 
 POLICY_OPTIONS = frozenset(f.name for f in fields(Policy))
+#: Every spelling an adapter accepts, by the policy option it sets: Dramatiq's Results owns
+#: ``result_ttl``, so its actors spell idemtask's ``idempotency_result_ttl``.
+OPTION_SPELLINGS: dict[str, str] = {
+    **{name: name for name in POLICY_OPTIONS},
+    "idempotency_result_ttl": "result_ttl",
+}
+_CLOSE = 0.8  # difflib ratio: catches one or two wrong letters, not other frameworks' options
 _CHOICES: dict[str, tuple[str, ...]] = {
     "on_duplicate": get_args(OnDuplicate),
     "on_running": get_args(OnRunning),
@@ -92,6 +102,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 _BOOLS = {"idempotent", "dedupe_enqueue", "validate_payload"}
 _FLOATS = {"lease", "result_ttl", "reservation_ttl", "wait_timeout"}
 _INTS = {"idempotency_key_version", "max_deliveries", "max_result_bytes"}
+#: The longest duration any option may have: 100 years. Records keep ``now + duration`` in
+#: milliseconds, which Redis's Lua must hold exactly (below 10**14 it prints no exponent).
+MAX_SECONDS = 100 * 365 * 86_400
+#: The largest count: a signed 64-bit integer, what Redis and the store's fields hold.
+MAX_COUNT = 2**63 - 1
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -111,19 +126,97 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise bad
-    if name in _FLOATS or name in _INTS:
-        if isinstance(value, bool):
-            raise bad
-        try:
-            number = float(value) if name in _FLOATS else int(value)
-        except (TypeError, ValueError):
-            raise bad from None
-        return number
+    if name in _FLOATS:
+        return check_seconds(name, value, source=source)
+    if name in _INTS:
+        return _count(name, value, source)
     if name == "terminal_exceptions":
         return _exception_types(value, source)
     if name == "idempotency_key":
         return _key_spec(value, source)
     raise bad  # pragma: no cover - every option is handled above
+
+
+def check_seconds(name: str, value: Any, *, source: str) -> float:
+    """A duration in seconds: NaN and infinity pass every comparison or overflow later, and
+    more than ``MAX_SECONDS`` overflows what the store keeps, so all are refused."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not math.isfinite(number) or abs(number) > MAX_SECONDS:
+        raise ConfigurationError(
+            f"{source}: invalid value {value!r} for option {name}: a finite number of seconds "
+            f"<= {MAX_SECONDS} (100 years) is expected"
+        )
+    return number
+
+
+def _count(name: str, value: Any, source: str) -> int:
+    """A whole number (a float only when integral, as a JSON or YAML config may give it)."""
+    number: int | None = None
+    if isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+    if number is None or abs(number) > MAX_COUNT:
+        raise ConfigurationError(
+            f"{source}: invalid value {value!r} for option {name}: a whole number "
+            f"<= {MAX_COUNT} is expected"
+        )
+    return number
+
+
+def close_match(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate ``name`` is most likely a misspelling of, if any is close enough."""
+    return _close_match(name.lower(), tuple(sorted(candidates)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _close_match(name: str, candidates: tuple[str, ...]) -> str | None:
+    # Cached: every task class of an app repeats the same attribute names (app, name, run).
+    found = difflib.get_close_matches(name, candidates, n=1, cutoff=_CLOSE)
+    return found[0] if found else None
+
+
+def with_hints(names: Iterable[str], candidates: Iterable[str]) -> str:
+    """``names`` for an error message, each followed by its did-you-mean when there is one."""
+    pool = sorted(candidates)
+    parts = []
+    for name in names:
+        match = close_match(name, pool)
+        parts.append(f"{name} (did you mean {match}?)" if match else name)
+    return ", ".join(parts)
+
+
+def check_option_names(
+    names: Iterable[str], *, source: str, spellings: Mapping[str, str] | None = None
+) -> None:
+    """Refuse names that look like an idemtask option but are none: a misspelt option would
+    otherwise be ignored and its default used (for ``idempotency_key``: every argument).
+
+    ``spellings`` maps the names this adapter accepts to policy options (default: the policy
+    options themselves). A name close to any adapter's spelling is refused with the spelling
+    this adapter accepts; names unlike any option (other frameworks' options) pass.
+    """
+    accepted = dict(spellings) if spellings is not None else {n: n for n in POLICY_OPTIONS}
+    known = {**OPTION_SPELLINGS, **accepted}
+    mine = {option: spelling for spelling, option in accepted.items()}
+    problems = []
+    for name in sorted(set(names) - set(accepted)):
+        match = None if name.startswith("_") else close_match(name, known)
+        if match is not None:
+            suggestion = mine.get(known[match])
+            hint = f"did you mean {suggestion}?" if suggestion else f"{match} is not an option here"
+            problems.append(f"{name} ({hint})")
+    if problems:
+        raise ConfigurationError(
+            f"{source}: unknown idemtask option(s) {', '.join(problems)}; valid options are "
+            f"{', '.join(sorted(accepted))} (a name not meant for idemtask: rename it)"
+        )
 
 
 def _exception_types(value: Any, source: str) -> tuple[type[BaseException], ...]:

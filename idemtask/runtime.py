@@ -6,7 +6,9 @@ import os
 import threading
 
 from idemtask.config import Settings, resolve_settings
+from idemtask.errors import ConfigurationError
 from idemtask.guard import Guard
+from idemtask.redact import redact_text
 from idemtask.store.base import Store
 from idemtask.store.memory import MemoryStore
 from idemtask.store.redis import RedisStore
@@ -21,12 +23,17 @@ def open_store(settings: Settings) -> Store:
     other URL (single server, ``redis+cluster://``, ``redis+sentinel://``) a RedisStore."""
     if settings.uses_memory_store:
         return _memory
-    return RedisStore.from_url(
-        settings.redis_url,
-        prefix=settings.key_prefix,
-        wait_replicas=settings.wait_replicas,
-        wait_timeout_ms=settings.wait_timeout_ms,
-    )
+    try:
+        return RedisStore.from_url(
+            settings.redis_url,
+            prefix=settings.key_prefix,
+            wait_replicas=settings.wait_replicas,
+            wait_timeout_ms=settings.wait_timeout_ms,
+        )
+    except (ConfigurationError, ValueError) as exc:
+        refused = exc  # a malformed URL: its message quotes the URL, password and all
+    # Raised outside the handler, so the original (unredacted) error is not chained to it.
+    raise ConfigurationError(f"redis_url: {redact_text(str(refused))}")
 
 
 def guard_for(settings: Settings) -> Guard:

@@ -15,7 +15,7 @@ from idemtask.celery.codec import CelerySerializerCodec
 from idemtask.config import Settings, resolve_settings
 from idemtask.errors import ConfigurationError
 from idemtask.keys import validate_key_spec
-from idemtask.policy import POLICY_OPTIONS, Policy
+from idemtask.policy import POLICY_OPTIONS, Policy, check_option_names
 
 CONF_NAME = "idemtask"
 #: Celery's own tasks (chord_unlock, backend_cleanup, ...) are never guarded, even when
@@ -60,6 +60,34 @@ def task_options(task_class: type[Task]) -> dict[str, Any]:
             value = value.__func__
         options[name] = value
     return options
+
+
+def check_task_class(task_class: type[Task]) -> None:
+    """Refuse a task class whose own attributes include a misspelt idemtask option.
+
+    Decorator options become class attributes of the generated class, so a misspelling
+    (``idempotency_kye``) would be an attribute nobody reads and the option's default would
+    apply silently. Names a base class defines (Celery's own options, methods) are skipped,
+    and so are names unlike any idemtask option (other options a project gives its tasks).
+    """
+    inherited = task_class.__mro__[1:]
+    own = [
+        name
+        for name, value in vars(task_class).items()
+        if not any(name in vars(b) for b in inherited) and not _defined_in(task_class, value)
+    ]
+    label = vars(task_class).get("name") or f"{task_class.__module__}.{task_class.__qualname__}"
+    check_option_names(own, source=f"task {label}")
+
+
+def _defined_in(task_class: type[Task], value: Any) -> bool:
+    """A method or property written in the class body (``def release(self)``) is the class's
+    own code, not a decorator option, however close its name is to one."""
+    if isinstance(value, property):
+        return True
+    function = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
+    qualname = getattr(function, "__qualname__", "")
+    return isinstance(qualname, str) and qualname.startswith(f"{task_class.__qualname__}.")
 
 
 def task_policy(task: Task) -> Policy | None:

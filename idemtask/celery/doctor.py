@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery, Task
 
 from idemtask.celery import presets
-from idemtask.celery.config import app_settings, resolve_policy
+from idemtask.celery.config import app_settings, check_task_class, resolve_policy
 from idemtask.celery.startup import idempotent_tasks
 from idemtask.config import Settings
 from idemtask.doctor import check_store
@@ -64,11 +64,21 @@ def check_app(app: Celery) -> list[Finding]:
     return findings
 
 
+def _tasks(app: Celery) -> tuple[list[Task], list[str]]:
+    """The app's idempotent tasks; a class refused while the app finalizes (a misspelt
+    option) is a problem to report, and the tasks registered before it are still checked."""
+    try:
+        return idempotent_tasks(app), []
+    except ConfigurationError as err:
+        return idempotent_tasks(app), [str(err)]
+
+
 def _policies(app: Celery, settings: Settings) -> tuple[list[_Guarded], list[Finding]]:
     guarded: list[_Guarded] = []
-    problems: list[str] = []
-    for task in idempotent_tasks(app):
+    tasks, problems = _tasks(app)
+    for task in tasks:
         try:
+            check_task_class(type(task))
             policy = resolve_policy(task, settings)
         except ConfigurationError as err:
             problems.append(str(err))

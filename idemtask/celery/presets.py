@@ -38,6 +38,7 @@ import celery
 from celery import Celery
 
 from idemtask.errors import ConfigurationError
+from idemtask.policy import check_seconds
 
 _VERSION: tuple[int, int] = (int(celery.VERSION[0]), int(celery.VERSION[1]))
 #: Celery 5.7 split task_acks_on_failure_or_timeout and added task_retry_on_worker_lost.
@@ -58,6 +59,7 @@ def at_least_once(
     countdown/ETA. ``retry_on_worker_lost``: None or False rejects with requeue when a pool
     child dies (every Celery version); True re-sends it as a retry (Celery ≥ 5.7 only).
     """
+    check_seconds("visibility_timeout", visibility_timeout, source="presets.at_least_once")
     if visibility_timeout <= 0:
         raise ConfigurationError(f"visibility_timeout must be > 0, got {visibility_timeout}")
     if prefetch_multiplier < 1:

@@ -20,7 +20,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult, EagerResult
 from kombu.utils.uuid import uuid
 
-from idemtask.celery.config import app_settings, codec_for, task_policy
+from idemtask.celery.config import app_settings, check_task_class, codec_for, task_policy
 from idemtask.celery.django import OnCommit
 from idemtask.errors import (
     AlreadyRunningError,
@@ -83,6 +83,10 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
     """
 
     # -- configuration --------------------------------------------------------------------
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_task_class(cls)  # a misspelt option fails where Celery creates the class
 
     def idemtask_policy(self) -> Policy | None:
         """The resolved policy (None when not guarded); raises ConfigurationError."""

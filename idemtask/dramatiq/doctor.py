@@ -12,10 +12,12 @@ from dramatiq.middleware import Retries, TimeLimit
 from dramatiq.results import Results
 
 from idemtask.doctor import check_store
+from idemtask.errors import ConfigurationError
 from idemtask.findings import Finding, Level
 from idemtask.policy import Policy
 
-from .middleware import IdempotencyMiddleware
+from .middleware import ACTOR_OPTIONS, IdempotencyMiddleware
+from .options import check_actor_options
 
 _MEMORY_BROKERS = {"StubBroker"}
 
@@ -37,6 +39,7 @@ def check_broker(broker: Broker) -> list[Finding]:
         ]
     middleware = ours[0]
     findings.append(_order(stack, middleware))
+    findings.append(_actor_options(broker))
     policies = {
         name: policy
         for name in broker.actors
@@ -73,6 +76,23 @@ def _order(stack: list[Any], middleware: IdempotencyMiddleware) -> Finding:
         )
     where = "before Retries" if retries else "(no Retries middleware)"
     return Finding(Level.OK, "dramatiq.middleware_order", f"IdempotencyMiddleware is {where}")
+
+
+def _actor_options(broker: Broker) -> Finding:
+    """A misspelt option on an actor made without the decorator would be ignored."""
+    problems: list[str] = []
+    for name in sorted(broker.actors):
+        try:
+            check_actor_options(broker, broker.actors[name], ACTOR_OPTIONS)
+        except ConfigurationError as err:
+            problems.append(str(err))
+    if problems:
+        return Finding(
+            Level.ERROR, "dramatiq.actor_options", "; ".join(problems), "fix the actor options"
+        )
+    return Finding(
+        Level.OK, "dramatiq.actor_options", f"options of {len(broker.actors)} actor(s) valid"
+    )
 
 
 def _results(broker: Broker, stack: list[Any], policies: dict[str, Policy]) -> Finding:

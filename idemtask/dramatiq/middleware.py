@@ -65,6 +65,7 @@ from idemtask.store.base import State
 
 from .codec import EncoderCodec
 from .errors import InvalidActorOptions, UnkeyableMessage
+from .options import check_actor_options
 
 logger = logging.getLogger("idemtask.dramatiq")
 
@@ -152,6 +153,7 @@ class IdempotencyMiddleware(Middleware):
         return self._policies.get(actor_name)
 
     def before_declare_actor(self, broker: Broker, actor: dramatiq.Actor[Any, Any]) -> None:
+        check_actor_options(broker, actor, ACTOR_OPTIONS)  # a misspelt option is refused
         self._configure(actor)
 
     def after_declare_actor(self, broker: Broker, actor: dramatiq.Actor[Any, Any] | str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -176,3 +177,48 @@ def test_doctor_reports_invalid_task_options() -> None:
 
     found = problems(check_app(app))
     assert found["celery.task_options"] is Level.ERROR
+
+
+SECRET = "s3cr3tPW"
+
+
+def test_doctor_and_worker_start_show_no_password(
+    fresh_redis: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    from types import SimpleNamespace
+
+    from idemtask.celery.startup import _on_worker_init
+
+    down = fresh_redis()
+    port = down.port
+    down.stop()
+    caplog.set_level(logging.DEBUG)
+    urls = [
+        f"redis://user:{SECRET}@127.0.0.1:{port}/0",
+        f"redis://127.0.0.1:{port}/0?password={SECRET}",
+        f"redis+sentinel://:{SECRET}@127.0.0.1:{port}/svc?sentinel_password={SECRET}",
+        f"redis+sentinel://:{SECRET}@127.0.0.1:{port}/svc/x?sentinel_password={SECRET}",
+    ]
+    for url in urls:
+        app = _app(f"redis://u:{SECRET}@127.0.0.1:{port}/0", "cache+memory://", {"redis_url": url})
+        try:
+            findings = check_app(app)
+        except ConfigurationError as err:  # the malformed sentinel URL: refused on opening
+            assert SECRET not in str(err) and "***" in str(err)
+        else:
+            text = "\n".join(map(str, findings))
+            assert "store.reachable" in text and "***" in text and SECRET not in text
+    bad = _app("memory://", "cache+memory://", {"redis_url": f"http://u:{SECRET}@h/0"})
+    with pytest.raises(SystemExit) as stopped:
+        _on_worker_init(sender=SimpleNamespace(app=bad))
+    assert "redis_url must be a redis://" in str(stopped.value)
+    assert SECRET not in str(stopped.value)
+    assert any(r.levelno == logging.CRITICAL for r in caplog.records)
+    for record in caplog.records:
+        assert SECRET not in record.getMessage()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e300])
+def test_preset_refuses_a_visibility_timeout_that_is_no_duration(value: float) -> None:
+    with pytest.raises(ConfigurationError, match="for option visibility_timeout: a finite"):
+        presets.at_least_once(value)

@@ -110,3 +110,106 @@ def test_errors_survive_pickling_and_rebuilding_from_args() -> None:
         for copy in (pickle.loads(pickle.dumps(error)), type(error)(*error.args)):
             assert type(copy) is type(error) and str(copy) == str(error)
             assert vars(copy) == vars(error)
+
+
+@pytest.mark.parametrize("option", ["lease", "result_ttl", "reservation_ttl", "wait_timeout"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan", "inf", 1e300])
+def test_durations_must_be_finite_and_in_range(option: str, value: object) -> None:
+    """NaN passed every comparison and inf failed only at the first task (OverflowError)."""
+    with pytest.raises(ConfigurationError) as info:
+        resolve_settings(framework={option: value}, framework_name="app.conf.idemtask", environ={})
+    message = str(info.value)
+    assert message.startswith(f"app.conf.idemtask: invalid value {value!r} for option {option}")
+    assert "a finite number of seconds <= 3153600000 (100 years) is expected" in message
+
+
+def test_environment_durations_are_checked_too() -> None:
+    expected = "environment: invalid value 'NaN' for option lease: a finite"
+    with pytest.raises(ConfigurationError, match=expected):
+        resolve_settings(environ={"IDEMTASK_LEASE": "NaN"})
+    expected = "environment: invalid value 'inf' for option reservation_ttl"
+    with pytest.raises(ConfigurationError, match=expected):
+        resolve_settings(environ={"IDEMTASK_RESERVATION_TTL": "inf"})
+
+
+def test_task_options_are_checked_like_settings() -> None:
+    source = "task shop.charge"
+    with pytest.raises(ConfigurationError, match=f"{source}: invalid value nan for option lease"):
+        Policy().with_options({"lease": float("nan")}, source=source)
+    with pytest.raises(ConfigurationError, match="invalid value inf for option wait_timeout"):
+        Policy().with_options({"wait_timeout": float("inf")}, source=source)
+
+
+@pytest.mark.parametrize(
+    "option", ["max_deliveries", "max_result_bytes", "idempotency_key_version"]
+)
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 2.5, 10**30])
+def test_counts_must_be_whole_and_in_range(option: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=f"app.conf.idemtask: .*{option}"):
+        resolve_settings(framework={option: value}, framework_name="app.conf.idemtask", environ={})
+
+
+@pytest.mark.parametrize("setting", ["wait_replicas", "wait_timeout_ms"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "inf", 10**30])
+def test_store_counts_must_be_in_range(setting: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=f"{setting} must be an integer"):
+        resolve_settings(framework={setting: value}, environ={})
+
+
+def test_the_longest_durations_work_on_a_real_redis(redis_url: str) -> None:
+    """The upper bound is one the store really handles: keys, leases and TTLs in range."""
+    from idemtask.codecs import JsonCodec
+    from idemtask.guard import Call, Guard
+    from idemtask.policy import MAX_SECONDS
+    from idemtask.store import RedisStore
+
+    longest = resolve_settings(
+        framework={"lease": MAX_SECONDS, "result_ttl": MAX_SECONDS, "reservation_ttl": MAX_SECONDS},
+        environ={},
+    ).defaults
+    store = RedisStore.from_url(redis_url)
+    guard = Guard(store)
+    call = Call("shop.charge", "longest", "fp")
+    assert guard.reserve(longest, call, "t1") is None
+    assert guard.run(longest, call, "t1", lambda: 7, JsonCodec()) == 7
+    record = store.inspect("longest")
+    assert record is not None and record.state.value == "done"
+    assert record.ttl_ms > (MAX_SECONDS - 60) * 1000
+    with pytest.raises(ConfigurationError, match="for option lease: a finite number"):
+        resolve_settings(framework={"lease": MAX_SECONDS * 1.01}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("layer", "hint"),
+    [
+        ({"leese": 3}, "leese (did you mean lease?)"),
+        ({"redis_ulr": "redis://h"}, "redis_ulr (did you mean redis_url?)"),
+        ({"idempotency_kye": "order_id"}, "idempotency_kye (did you mean idempotency_key?)"),
+    ],
+)
+def test_unknown_settings_suggest_the_close_name(layer: dict[str, object], hint: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        resolve_settings(framework=layer, framework_name="app.conf.idemtask", environ={})
+    assert hint in str(info.value)
+
+
+def test_check_option_names_refuses_lookalikes_only() -> None:
+    from idemtask.policy import check_option_names
+
+    with pytest.raises(ConfigurationError) as info:
+        check_option_names(["idempotency_kye", "leese", "autoretry_for"], source="task t")
+    message = str(info.value)
+    assert message.startswith("task t: ")
+    assert "idempotency_kye (did you mean idempotency_key?)" in message
+    assert "leese (did you mean lease?)" in message
+    assert "autoretry_for" not in message
+    check_option_names(["autoretry_for", "max_retries", "order_id", "lease"], source="task t")
+    # Dramatiq spells result_ttl idempotency_result_ttl; each adapter is told its own spelling.
+    with pytest.raises(ConfigurationError, match=r"did you mean result_ttl\?"):
+        check_option_names(["idempotency_result_ttl"], source="task t")
+    with pytest.raises(ConfigurationError, match=r"did you mean idempotency_result_ttl\?"):
+        check_option_names(
+            ["idempotency_result_tll"],
+            source="actor a",
+            spellings={"idempotency_result_ttl": "result_ttl", "lease": "lease"},
+        )

@@ -133,3 +133,38 @@ def test_presets_fit_the_lease() -> None:
         presets.at_least_once(time_limit=float("inf"))
     with pytest.raises(ConfigurationError, match="wait_timeout"):
         presets.at_least_once(time_limit=10, wait_timeout=30)
+
+
+SECRET = "s3cr3tPW"
+
+
+def test_doctor_shows_no_password(fresh_redis, caplog) -> None:
+    import logging
+
+    down = fresh_redis()
+    port = down.port
+    down.stop()
+    caplog.set_level(logging.DEBUG)
+    urls = [
+        f"redis://user:{SECRET}@127.0.0.1:{port}/0",
+        f"redis://127.0.0.1:{port}/0?password={SECRET}",
+        f"redis+sentinel://:{SECRET}@127.0.0.1:{port}/svc?sentinel_password={SECRET}",
+    ]
+    for url in urls:
+        broker = StubBroker()
+        broker.add_middleware(IdempotencyMiddleware(redis_url=url), before=Retries)
+        text = "\n".join(map(str, check_broker(broker)))
+        assert "store.reachable" in text and "***" in text and SECRET not in text
+        assert SECRET not in repr(broker.middleware)
+    with pytest.raises(ConfigurationError) as info:
+        _ = IdempotencyMiddleware(redis_url=f"redis+sentinel://:{SECRET}@h:1/svc/x").guard
+    assert SECRET not in str(info.value)
+    for record in caplog.records:
+        assert SECRET not in record.getMessage()
+
+
+@pytest.mark.parametrize("option", ["lease", "result_ttl", "wait_timeout", "min_backoff"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_presets_refuse_durations_that_are_not_finite(option: str, value: float) -> None:
+    with pytest.raises(ConfigurationError, match=f"for option {option}: a finite number"):
+        presets.at_least_once(**{option: value})
