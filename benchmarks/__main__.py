@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, load_average, machine, servers
+from benchmarks.common import load_average, machine, servers
 from benchmarks.report import render
 
 SECTIONS = ("keys", "enqueue", "execute", "commands", "memory", "celery", "dramatiq")
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json",
         type=Path,
-        default=ROOT / "build" / "benchmarks.json",
-        help="where to write the raw figures (default: build/benchmarks.json)",
+        default=Path("build") / "benchmarks.json",
+        help="where to write the raw figures (default: build/benchmarks.json, under the "
+        "current directory)",
     )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     options = parser.parse_args(argv)

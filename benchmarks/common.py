@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from idemtask.testing.servers import RedisServer, terminate_session
+from idemtask.testing.launcher import RedisServer, terminate_session
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from idemtask.store.redis import RedisStore, script_source
-from idemtask.testing.servers import RedisServer
+from idemtask.testing.launcher import RedisServer
 
 TASK_NAME = "shop.tasks.charge_order"
 RESULT = b'{"charged": 4990}'

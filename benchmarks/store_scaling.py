@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from idemtask.store import RedisStore, Status
-from idemtask.testing.servers import RedisServer
+from idemtask.testing.launcher import RedisServer
 
 from servers_cluster import LocalCluster
 

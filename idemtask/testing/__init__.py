@@ -1,7 +1,10 @@
 """Test your own tasks under faults: an effect ledger, fault injection and the checks.
 
-The fixtures are there as soon as idemtask is installed (pytest entry point ``idemtask``);
-``pytest -p no:idemtask`` turns them off.
+The fixtures (``idemtask_redis``, ``idemtask_store``, ``idemtask_ledger``,
+``idemtask_faults``) are there as soon as idemtask is installed (pytest entry point
+``idemtask``); ``pytest -p no:idemtask`` turns them off. ``idemtask.testing.launcher``
+starts throwaway ``redis-server`` processes; ``idemtask.testing.chaos`` runs whole
+workloads under seeded faults.
 """
 
 from idemtask.testing.checks import (

@@ -19,7 +19,7 @@ from celery.contrib.testing.worker import start_worker
 from kombu.asynchronous import get_event_loop, set_event_loop
 from kombu.transport import redis as kombu_redis
 
-from idemtask.testing.servers import terminate_session
+from servers import terminate_session
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

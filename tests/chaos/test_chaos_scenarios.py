@@ -18,6 +18,8 @@ import pytest
 
 from idemtask.testing.chaos import Result, Scenario, run_scenario
 
+from servers import RabbitMQServer
+
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 FAULTS = {"kills": 3, "kills_after_end": 1, "stops": 1, "store_restarts": 1}
@@ -52,7 +54,8 @@ def test_chaos_dramatiq_on_rabbitmq_with_a_broker_restart() -> None:
     scenario = Scenario(
         "dramatiq", "rabbitmq", keys=50, seed=1, duration=30, broker_restarts=1, **FAULTS
     )
-    _check(run_scenario(scenario), scenario)
+    with RabbitMQServer() as node:
+        _check(run_scenario(scenario, rabbitmq=node), scenario)
 
 
 @pytest.mark.dramatiq

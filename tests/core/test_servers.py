@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pika
 import pytest
@@ -16,6 +20,42 @@ from servers import RabbitMQServer, RedisServer, free_ports
 def test_free_ports_are_distinct() -> None:
     ports = free_ports(3)
     assert len(set(ports)) == 3
+
+
+def test_free_ports_are_below_the_kernels_ephemeral_range() -> None:
+    """The kernel never hands such a port to a client's connect, so a client reconnecting
+    while a server restarts cannot be given the server's own port."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = free_ports(20)
+    assert all(1024 <= port < low for port in ports), ports
+
+
+@contextmanager
+def _port_held_by_a_client(port: int, seconds: float) -> Iterator[None]:
+    """A connection whose local end is ``127.0.0.1:port``, released after ``seconds``: what
+    holds a stopped server's port when a client was given it, or the old process lingers.
+    The far end closes first, so no TIME_WAIT is left on ``port`` afterwards."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client = socket.socket()
+        client.bind(("127.0.0.1", port))
+        client.connect(listener.getsockname())
+        peer, _ = listener.accept()
+
+        def release() -> None:
+            peer.close()
+            client.recv(1)  # the far end's FIN
+            client.close()
+
+        timer = threading.Timer(seconds, release)
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.join()
+            peer.close()
+            client.close()
 
 
 def test_session_redis_answers(redis_server: RedisServer, redis_url: str) -> None:
@@ -114,6 +154,25 @@ def test_fresh_redis_takes_extra_config(fresh_redis: Callable[..., RedisServer])
         client.close()
 
 
+def test_redis_start_waits_until_its_port_is_free(
+    fresh_redis: Callable[..., RedisServer],
+) -> None:
+    server = fresh_redis(appendonly=True)
+    client = server.client()
+    client.set(b"kept", b"yes")
+    client.close()
+    server.stop()
+
+    with _port_held_by_a_client(server.port, 1.0):
+        server.start()
+
+    client = server.client()
+    try:
+        assert client.get(b"kept") == b"yes"
+    finally:
+        client.close()
+
+
 def test_missing_binary_is_an_error_not_a_skip() -> None:
     with pytest.raises(RuntimeError, match="not found"):
         RedisServer(binary="redis-server-that-does-not-exist")
@@ -163,6 +222,32 @@ def test_rabbitmq_restart_and_kill(rabbitmq_server: RabbitMQServer) -> None:
     # (a get acked just before a kill may come back: RabbitMQ writes acks lazily)
     _publish(rabbitmq_server.url, "idemtask-test-after-kill", b"again")
     assert _get(rabbitmq_server.url, "idemtask-test-after-kill") == b"again"
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_rabbitmq_restarts_in_a_row_and_serves_after_each(
+    rabbitmq_server: RabbitMQServer,
+) -> None:
+    port = rabbitmq_server.port
+    for restart in range(3):
+        body = f"before restart {restart}".encode()
+        _publish(rabbitmq_server.url, "idemtask-test-restarts", body)
+        rabbitmq_server.restart()
+        assert rabbitmq_server.port == port  # clients keep their URL
+        assert _get(rabbitmq_server.url, "idemtask-test-restarts") == body
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.slow
+def test_rabbitmq_start_waits_until_its_port_is_free(rabbitmq_server: RabbitMQServer) -> None:
+    _publish(rabbitmq_server.url, "idemtask-test-port-wait", b"kept")
+    rabbitmq_server.stop()
+
+    with _port_held_by_a_client(rabbitmq_server.port, 3.0):
+        rabbitmq_server.start()
+
+    assert _get(rabbitmq_server.url, "idemtask-test-port-wait") == b"kept"
 
 
 @pytest.mark.rabbitmq

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -78,20 +79,20 @@ def test_each_check_catches_its_violation() -> None:
 
 
 def test_a_real_run_with_a_stopped_holder(
-    idemtask_store: RedisStore, effect_ledger: EffectLedger
+    idemtask_store: RedisStore, idemtask_ledger: EffectLedger
 ) -> None:
     """Two guards race for keys; one holder freezes past its lease and wakes up stale."""
-    effect_ledger.observe()
+    idemtask_ledger.observe()
     policy = Policy(lease=0.3, result_ttl=60)
     keys = [uuid.uuid4().hex for _ in range(5)]
     frozen = keys[0]
 
     def body() -> str:
-        with effect_ledger.body() as execution:
+        with idemtask_ledger.body() as execution:
             if execution.key == frozen and execution.fencing_token == 1:
                 guard_a.leases.drop(execution.attempt_id)  # frozen: no renewal
                 time.sleep(0.6)
-            effect_ledger.fenced_effect()
+            idemtask_ledger.fenced_effect()
             return execution.key
 
     guard_a, guard_b = Guard(idemtask_store), Guard(idemtask_store)
@@ -112,7 +113,7 @@ def test_a_real_run_with_a_stopped_holder(
         t.start()
     for t in threads:
         t.join()
-    entries = effect_ledger.entries()
+    entries = idemtask_ledger.entries()
     assert_all_completed(entries, keys)
     assert_no_overlap(entries)
     assert_no_run_after_completion(entries)
@@ -126,7 +127,9 @@ def _state(pid: int) -> str:
         return stat.read().rsplit(")", 1)[1].split()[0]
 
 
-def test_faults_kill_and_stop_real_processes(faults: Faults, effect_ledger: EffectLedger) -> None:
+def test_faults_kill_and_stop_real_processes(
+    idemtask_faults: Faults, idemtask_ledger: EffectLedger
+) -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c",
          "import subprocess, sys, time\n"
@@ -140,21 +143,40 @@ def test_faults_kill_and_stop_real_processes(faults: Faults, effect_ledger: Effe
             time.sleep(0.05)
         kids = children(parent.pid)
         assert len(kids) == 2
-        faults.stop(kids[0])
+        idemtask_faults.stop(kids[0])
         deadline = time.monotonic() + 5
         while _state(kids[0]) != "T" and time.monotonic() < deadline:
             time.sleep(0.01)
         assert _state(kids[0]) == "T"
-        faults.cont(kids[0])
-        faults.kill(kids[1])
+        idemtask_faults.cont(kids[0])
+        idemtask_faults.kill(kids[1])
         deadline = time.monotonic() + 5
         while kids[1] in children(parent.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert children(parent.pid) == [kids[0]]
-        kinds = [(x.kind, x.pid) for x in effect_ledger.entries()]
+        kinds = [(x.kind, x.pid) for x in idemtask_ledger.entries()]
         assert kinds == [("stopped", kids[0]), ("continued", kids[0]), ("killed", kids[1])]
     finally:
         parent.kill()
         parent.wait()
         for kid in children(parent.pid):
             subprocess.run(["kill", "-9", str(kid)], check=False)
+
+
+def test_every_plugin_fixture_is_named_idemtask(tmp_path: Path) -> None:
+    """The plugin loads into every pytest run of a project that installs idemtask: none of
+    its fixtures may take a name that project could use for its own."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--fixtures", "-v", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode in (0, 5), done.stdout + done.stderr  # 5: no tests collected
+    section = done.stdout.split("fixtures defined from idemtask.testing.plugin", 1)[1]
+    section = section.split("\n-", 1)[0]
+    names = [line.split()[0] for line in section.splitlines()[1:] if line and line[0] != " "]
+    assert "idemtask_ledger" in names and "idemtask_faults" in names, names
+    assert all(name.lstrip("_").startswith("idemtask_") for name in names), names

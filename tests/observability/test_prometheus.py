@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from servers_prometheus import PrometheusServer
 
 from idemtask.contrib.prometheus import dashboard, dashboard_expressions
 
 from servers import LOOPBACK, free_port, terminate_session
+from servers_prometheus import PrometheusServer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

@@ -1,5 +1,8 @@
 """``python -m idemtask.testing.chaos``: run one chaos scenario and print its figures.
 
+The RabbitMQ scenario runs on a node you run: ``--rabbitmq-url``, and ``--rabbitmq-restart``
+for the command that restarts it (without one, the broker is not restarted).
+
 Exit status 0 when no guarantee was broken, 1 otherwise (the violations are printed).
 """
 
@@ -10,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from idemtask.testing.chaos.broker import Broker, ExternalRabbitMQ
 from idemtask.testing.chaos.runner import Scenario, run_scenario
 
 #: Faults per 10 000 keys in a long run, and the floor for smaller runs.
@@ -50,11 +54,27 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lease", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, help="give up after this (default 3x duration)")
     parser.add_argument("--workdir", type=Path, help="keep logs, plan and result.json here")
+    parser.add_argument(
+        "--rabbitmq-url", help="AMQP URL of the running RabbitMQ node (--broker rabbitmq)"
+    )
+    parser.add_argument(
+        "--rabbitmq-restart",
+        metavar="COMMAND",
+        help="command that restarts that node, for the broker restarts",
+    )
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, rabbitmq: Broker | None = None) -> int:
+    """Run the command; ``rabbitmq`` is a node the caller runs in place of ``--rabbitmq-url``."""
     args = parse(sys.argv[1:] if argv is None else argv)
+    if args.broker == "rabbitmq" and rabbitmq is None:
+        if not args.rabbitmq_url:
+            print("--broker rabbitmq needs --rabbitmq-url (a running node)", file=sys.stderr)
+            return 2
+        rabbitmq = ExternalRabbitMQ(args.rabbitmq_url, args.rabbitmq_restart)
+        if not args.rabbitmq_restart:
+            print("no --rabbitmq-restart: the broker is not restarted", flush=True)
     duration = args.duration if args.duration is not None else max(30.0, args.keys * 0.06)
     restarts = args.restarts if args.restarts is not None else LONG_RUN["restarts"]
     scenario = Scenario(
@@ -70,17 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         ),
         stops=args.stops if args.stops is not None else LONG_RUN["stops"],
         store_restarts=restarts,
-        broker_restarts=restarts if args.broker == "rabbitmq" else 0,
+        broker_restarts=restarts if args.broker == "rabbitmq" and _restartable(rabbitmq) else 0,
         duration=duration,
         lease=args.lease,
         timeout=args.timeout if args.timeout is not None else max(300.0, 3 * duration),
         workdir=args.workdir,
     )
-    result = run_scenario(scenario, log=lambda line: print(line, flush=True))
+    result = run_scenario(scenario, log=lambda line: print(line, flush=True), rabbitmq=rabbitmq)
     print(json.dumps(result.figures(), indent=2))
     for name, items in result.violations.items():
         print(f"VIOLATION {name}: {len(items)}", *items[:20], sep="\n  ")
     return 1 if result.violations else 0
+
+
+def _restartable(broker: Broker | None) -> bool:
+    return not isinstance(broker, ExternalRabbitMQ) or bool(broker.restart_command)
 
 
 if __name__ == "__main__":

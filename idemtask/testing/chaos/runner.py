@@ -1,7 +1,8 @@
 """Run one chaos scenario end to end and measure it from the effect ledger.
 
-A scenario starts its own servers (a broker, the store's ``redis-server`` with the
-append-only file on, a second ``redis-server`` for the ledger), real worker processes and two
+A scenario starts its own servers (a Redis broker, or none: the RabbitMQ scenario runs on
+the caller's node; the store's ``redis-server`` with the append-only file on, a second
+``redis-server`` for the ledger), real worker processes and two
 producer processes, injects a seeded schedule of faults while the workload runs, waits until
 every key is completed and the system has gone quiet, then analyses the ledger with
 ``analyse`` and reads every key's record back from the store.
@@ -17,7 +18,8 @@ Faults (each written to the ledger):
   holder's completion must be rejected as stale;
 * ``store_restart``: the store's ``redis-server`` stopped (alternately SIGTERM and SIGKILL),
   down for a second, and started again on its append-only file;
-* ``broker_restart``: RabbitMQ stopped and started again (RabbitMQ scenario).
+* ``broker_restart``: RabbitMQ stopped and started again (RabbitMQ scenario, on the
+  caller's node).
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ from typing import Any
 from idemtask.store.base import State
 from idemtask.store.redis import RedisStore
 from idemtask.testing.chaos import workload
+from idemtask.testing.chaos.broker import Broker
 from idemtask.testing.checks import Report, analyse
 from idemtask.testing.faults import Faults, children
+from idemtask.testing.launcher import RedisServer, terminate_session
 from idemtask.testing.ledger import EffectLedger, Entry
-from idemtask.testing.servers import RabbitMQServer, RedisServer, terminate_session
 
 #: Seconds without a RabbitMQ heartbeat after which the server drops a frozen consumer:
 #: the client asks for this interval, the server closes after about two missed beats.
@@ -260,7 +263,7 @@ class _Follower:
 class ChaosRun:
     """One scenario's servers, processes and fault loop. Use ``run_scenario``."""
 
-    def __init__(self, scenario: Scenario, log: Log) -> None:
+    def __init__(self, scenario: Scenario, log: Log, rabbitmq: Broker | None = None) -> None:
         self.scenario = scenario
         self.log = log
         self.dir = scenario.workdir or Path(tempfile.mkdtemp(prefix=f"idemtask-{scenario.name}-"))
@@ -268,7 +271,7 @@ class ChaosRun:
         self._own_dir = scenario.workdir is None
         self.namespace = f"chaos{uuid.uuid4().hex[:8]}"
         self.broker_redis: RedisServer | None = None
-        self.rabbitmq: RabbitMQServer | None = None
+        self.rabbitmq = rabbitmq  # the caller's node (RabbitMQ scenario)
         self.store = RedisServer(appendonly=True, appendfsync="always")
         self.ledger_server = RedisServer()
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -334,8 +337,8 @@ class ChaosRun:
         self.faults = Faults(self.ledger, seed=s.seed)
         self.store.start()
         if s.broker == "rabbitmq":
-            self.rabbitmq = RabbitMQServer()
-            self.rabbitmq.start()
+            if self.rabbitmq is None:
+                raise ValueError("the RabbitMQ scenario needs a running node: pass rabbitmq=")
         else:
             self.broker_redis = RedisServer().start()
         if s.framework == "celery":
@@ -569,7 +572,7 @@ class ChaosRun:
                 os.kill(pid, signal.SIGCONT)
         for proc in self.producers + self.workers:
             terminate_session(proc)
-        for server in (self.rabbitmq, self.broker_redis, self.store, self.ledger_server):
+        for server in (self.broker_redis, self.store, self.ledger_server):
             if server is not None:
                 server.close()
         if self._own_dir:
@@ -577,8 +580,8 @@ class ChaosRun:
 
 
 @contextlib.contextmanager
-def _running(scenario: Scenario, log: Log) -> Iterator[ChaosRun]:
-    run = ChaosRun(scenario, log)
+def _running(scenario: Scenario, log: Log, rabbitmq: Broker | None) -> Iterator[ChaosRun]:
+    run = ChaosRun(scenario, log, rabbitmq)
     try:
         run.start()
         yield run
@@ -586,9 +589,10 @@ def _running(scenario: Scenario, log: Log) -> Iterator[ChaosRun]:
         run.close()
 
 
-def run_scenario(scenario: Scenario, log: Log = print) -> Result:
-    """Run ``scenario`` to the end and return its ``Result``."""
-    with _running(scenario, log) as run:
+def run_scenario(scenario: Scenario, log: Log = print, rabbitmq: Broker | None = None) -> Result:
+    """Run ``scenario`` to the end and return its ``Result``. The RabbitMQ scenario runs on
+    ``rabbitmq``, a node the caller started (see ``broker``), which it restarts."""
+    with _running(scenario, log, rabbitmq) as run:
         run.loop()
         result = run.result()
         (run.dir / "result.json").write_text(json.dumps(result.figures(), indent=2))

@@ -1,15 +1,15 @@
-"""Real ``redis-server`` and ``rabbitmq-server`` processes for tests (yours and ours).
+"""Throwaway ``redis-server`` processes on loopback ports, for the fixtures and the chaos runner.
 
 Each server runs on 127.0.0.1 and a free port, with all of its files in its own temporary
-directory, so tests never touch a system-wide instance. A missing binary is an error
-(``RuntimeError``), never a skip: the suite is only green when it ran against real servers.
+directory, so nothing touches a system-wide instance. A missing binary is an error
+(``RuntimeError``), never a skip.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
+import random
 import shutil
 import signal
 import socket
@@ -24,12 +24,48 @@ from typing import Any, TypeVar
 import redis
 
 LOOPBACK = "127.0.0.1"
+#: Seconds ``start`` waits for a server's ports to be free again (after a restart): longer
+#: than Linux keeps a connection in TIME_WAIT (60 s).
+PORT_WAIT = 75.0
 
-_S = TypeVar("_S", bound="_ServerProcess")
+_S = TypeVar("_S", bound="ServerProcess")
+
+
+def _ephemeral_range() -> tuple[int, int] | None:
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return None
+
+
+def port_is_free(port: int) -> bool:
+    """True when a listener could bind ``127.0.0.1:port`` now (``SO_REUSEADDR``, as servers do,
+    so connections of a previous server in TIME_WAIT do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that were free a moment ago."""
+    """``count`` distinct loopback ports that were free a moment ago.
+
+    They are taken below the kernel's ephemeral range where it is known: the kernel never
+    hands those out to a ``connect`` or a ``bind`` to port 0, so while a server is down for a
+    restart no other process (nor a client reconnecting to it) is given its port.
+    """
+    span = _ephemeral_range()
+    if span is not None and span[0] > 2048:
+        low, high = max(1024, span[0] - 10_000), span[0] - 1
+        ports: list[int] = []
+        for port in random.sample(range(low, high + 1), high - low + 1):
+            if port_is_free(port):
+                ports.append(port)
+                if len(ports) == count:
+                    return ports
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -43,49 +79,24 @@ def free_ports(count: int) -> list[int]:
 
 
 def free_port() -> int:
-    """A loopback port that was free a moment ago."""
+    """A loopback port that was free a moment ago (see ``free_ports``)."""
     return free_ports(1)[0]
 
 
-def _find_binary(name: str, extra_dirs: Sequence[str] = ()) -> str:
+def find_binary(name: str, extra_dirs: Sequence[str] = ()) -> str:
+    """Path of the executable ``name``: in ``extra_dirs`` or on ``PATH``; RuntimeError if none."""
     for directory in extra_dirs:
         candidate = Path(directory) / name
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     found = shutil.which(name)
     if found is None:
+        looked = ", ".join(["PATH", *extra_dirs])
         raise RuntimeError(
-            f"{name} not found (looked in PATH and {', '.join(extra_dirs) or 'nothing else'}): "
-            "the tests need a real server; run scripts/test, which installs it"
+            f"{name} not found (looked in {looked}): a real server is needed; install it "
+            f"(the {name} package of your system) or put it on PATH"
         )
     return found
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()
-
-
-def _group_members(pgid: int) -> list[int]:
-    if not Path("/proc").is_dir():
-        return []
-    members = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            fields = _proc_stat(int(entry.name))
-            if fields is not None and fields[2] == str(pgid):
-                members.append(int(entry.name))
-    return members
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie waiting to be reaped."""
-    fields = _proc_stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def terminate_session(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
@@ -105,12 +116,13 @@ def terminate_session(proc: subprocess.Popen[bytes], grace: float = 20.0) -> Non
         os.killpg(proc.pid, signal.SIGKILL)  # pool children left behind
 
 
-class _ServerProcess:
+class ServerProcess:
     """A server process in its own session and temporary directory.
 
     ``stop``/``start``/``restart`` keep the port and the directory, so a server restarted
-    with persistence enabled comes back with its data. ``close`` stops it and removes the
-    directory.
+    with persistence enabled comes back with its data; ``start`` waits until the ports of
+    ``ports()`` are free again before it launches the process. ``close`` stops it and
+    removes the directory.
     """
 
     name = "server"
@@ -135,6 +147,10 @@ class _ServerProcess:
     def _log_files(self) -> list[Path]:
         return [self._log]
 
+    def ports(self) -> list[int]:
+        """The loopback ports the server listens on."""
+        return []
+
     # -- life cycle -----------------------------------------------------------------------
     @property
     def running(self) -> bool:
@@ -148,6 +164,7 @@ class _ServerProcess:
         """Start the server (no-op if it runs) and wait until it serves requests."""
         if self.running:
             return self
+        self._wait_ports_free(time.monotonic() + PORT_WAIT)
         began = time.monotonic()
         with self._log.open("ab") as log:
             self._proc = subprocess.Popen(
@@ -207,17 +224,22 @@ class _ServerProcess:
     ) -> None:
         self.close()
 
-    @staticmethod
-    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-        # The leader may have children (the Erlang VM under rabbitmq-server's script): wait
-        # until every one is gone, or a restart could meet the old node still dying.
-        members = _group_members(proc.pid)
+    def _kill_group(self, proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        deadline = time.monotonic() + 10
-        while any(_alive(pid) for pid in members) and time.monotonic() < deadline:
-            time.sleep(0.01)
+
+    def _wait_ports_free(self, deadline: float) -> None:
+        """Wait until nothing holds the server's ports (a previous run of it still dying, or
+        another process); RuntimeError naming the port after ``deadline``."""
+        for port in self.ports():
+            while not port_is_free(port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{self.name}: port {port} on {LOOPBACK} is still in use; "
+                        "cannot start the server on it"
+                    )
+                time.sleep(0.05)
 
     # -- diagnostics ----------------------------------------------------------------------
     def _check_alive(self) -> None:
@@ -234,7 +256,7 @@ class _ServerProcess:
         return "\n".join(parts)
 
 
-class RedisServer(_ServerProcess):
+class RedisServer(ServerProcess):
     """A ``redis-server`` on 127.0.0.1 and a free port.
 
     By default nothing is persisted (``--save "" --appendonly no``). With
@@ -254,7 +276,7 @@ class RedisServer(_ServerProcess):
         config: Mapping[str, str] | None = None,
         binary: str = "redis-server",
     ) -> None:
-        self.binary = _find_binary(binary)
+        self.binary = find_binary(binary)
         self.port = free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
@@ -264,6 +286,9 @@ class RedisServer(_ServerProcess):
     @property
     def url(self) -> str:
         return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def ports(self) -> list[int]:
+        return [self.port]
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A new client (bytes replies); close it when done."""
@@ -300,101 +325,3 @@ class RedisServer(_ServerProcess):
                 time.sleep(0.02)
         finally:
             client.close()
-
-
-class RabbitMQServer(_ServerProcess):
-    """A throwaway RabbitMQ node on 127.0.0.1 and a free AMQP port.
-
-    The node (``idemtask-test-<port>@localhost``) keeps its database, logs, config and Erlang
-    cookie in its own directory, runs without plugins and shares only the Erlang port mapper
-    (epmd) with other nodes. ``consumer_timeout`` (milliseconds) is written to its
-    ``rabbitmq.conf``.
-    """
-
-    name = "rabbitmq-server"
-    start_timeout = 90.0
-    _DIRS = ("/usr/lib/rabbitmq/bin", "/usr/sbin", "/usr/local/sbin")
-
-    def __init__(self, *, consumer_timeout: int | None = None) -> None:
-        self.binary = _find_binary("rabbitmq-server", self._DIRS)
-        self.ctl_binary = _find_binary("rabbitmqctl", [str(Path(self.binary).parent)])
-        self.port, self.dist_port = free_ports(2)
-        self.node = f"idemtask-test-{self.port}@localhost"
-        self.consumer_timeout = consumer_timeout
-        super().__init__()
-        conf = ["loopback_users.guest = true", "log.file.level = info"]
-        if consumer_timeout is not None:
-            conf.append(f"consumer_timeout = {int(consumer_timeout)}")
-        (self.dir / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
-        (self.dir / "enabled_plugins").write_text("[].\n")
-        (self.dir / "rabbitmq-env.conf").write_text("")
-        cookie = self.dir / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16).upper())
-        cookie.chmod(0o400)
-
-    @property
-    def url(self) -> str:
-        return f"amqp://guest:guest@{LOOPBACK}:{self.port}/"
-
-    def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
-        env.update(
-            HOME=str(self.dir),  # the server and rabbitmqctl share this .erlang.cookie
-            RABBITMQ_NODENAME=self.node,
-            RABBITMQ_NODE_IP_ADDRESS=LOOPBACK,
-            RABBITMQ_NODE_PORT=str(self.port),
-            RABBITMQ_DIST_PORT=str(self.dist_port),
-            RABBITMQ_MNESIA_BASE=str(self.dir / "mnesia"),
-            RABBITMQ_LOG_BASE=str(self.dir / "log"),
-            RABBITMQ_CONFIG_FILE=str(self.dir / "rabbitmq.conf"),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.dir / "advanced.config"),
-            RABBITMQ_CONF_ENV_FILE=str(self.dir / "rabbitmq-env.conf"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "enabled_plugins"),
-        )
-        return env
-
-    def _command(self) -> list[str]:
-        return [self.binary]
-
-    def _log_files(self) -> list[Path]:
-        return [self._log, *sorted((self.dir / "log").glob("*.log"))]
-
-    def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        """Run ``rabbitmqctl -n <node> ARGS`` against this node."""
-        return subprocess.run(
-            [self.ctl_binary, "-n", self.node, *args],
-            env=self._env(),
-            cwd=self.dir,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def _wait_ready(self, deadline: float) -> None:
-        while True:
-            self._check_alive()
-            try:
-                socket.create_connection((LOOPBACK, self.port), timeout=0.5).close()
-                break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} did not open its AMQP port\n{self.log_tail()}")
-            time.sleep(0.1)
-        while True:
-            left = max(1, int(deadline - time.monotonic()))
-            try:
-                done = self.ctl("await_startup", "--timeout", str(left), timeout=left + 15)
-            except subprocess.TimeoutExpired as exc:
-                raise RuntimeError(f"rabbitmqctl await_startup hung\n{self.log_tail()}") from exc
-            if done.returncode == 0:
-                return
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"rabbitmqctl await_startup failed ({done.returncode}): "
-                    f"{done.stdout}{done.stderr}\n{self.log_tail()}"
-                )
-            time.sleep(0.5)
