@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from idemtask.keys import bind_arguments, derive_key, explicit_key
+from idemtask.errors import KeyDerivationError
+from idemtask.keys import bind_arguments, derive_key, explicit_key, validate_key_spec
 from idemtask.policy import Policy
 
 #: Message fields that carry a call's identity from the producer to every delivery.
@@ -36,11 +37,17 @@ class Call:
 @dataclass(frozen=True, slots=True)
 class Identity:
     """How the calls of one task are keyed: its name, the function its arguments bind to,
-    and its policy (key spec, key version, payload validation)."""
+    and its policy (key spec, key version, payload validation).
+
+    ``strict=False`` keys a call whose arguments do not bind to ``fn`` from the arguments as
+    given, for frameworks that accept such a call and fail it only when the body runs
+    (Celery's ``typing=False``): the call is keyed, not refused at enqueue.
+    """
 
     task_name: str
     fn: Callable[..., Any]
     policy: Policy
+    strict: bool = True
 
     def call(
         self,
@@ -62,7 +69,7 @@ class Identity:
         if explicit is not None and not policy.validate_payload:
             derived = explicit_key(self.task_name, explicit, version=version)
             return Call(self.task_name, derived.key, derived.fingerprint)
-        arguments = bind_arguments(self.fn, call_args, call_kwargs, task_name=self.task_name)
+        arguments = self._bind(call_args, call_kwargs)
         if explicit is not None:
             derived = explicit_key(self.task_name, explicit, version=version, arguments=arguments)
         else:
@@ -75,6 +82,14 @@ class Identity:
                 kwargs=call_kwargs,
             )
         return Call(self.task_name, derived.key, derived.fingerprint)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return bind_arguments(self.fn, args, kwargs, task_name=self.task_name)
+        except KeyDerivationError:
+            if self.strict:
+                raise
+            return {"args": list(args), "kwargs": kwargs}  # the body will refuse the call
 
     def carried(self, fields: Mapping[str, Any] | None, message_id: str) -> Call | None:
         """The call a message carries, if it was derived for this task and this message.
@@ -101,6 +116,24 @@ class Identity:
         """The carried call, else one derived again from the delivered arguments
         (``send_task`` by name, beat, a producer in another language, a forwarded header)."""
         return self.carried(fields, message_id) or self.call(args, kwargs)
+
+
+def identify(
+    task_name: str,
+    fn: Callable[..., Any],
+    defaults: Policy,
+    options: Mapping[str, Any],
+    *,
+    strict: bool = True,
+) -> Identity | None:
+    """A task's identity from its declared options over ``defaults``; None when the task is
+    not guarded (``idempotent=False``). Raises ``ConfigurationError`` naming the task."""
+    source = f"task {task_name}"
+    policy = defaults.with_options(options, source=source)
+    if not policy.idempotent:
+        return None
+    validate_key_spec(fn, policy.idempotency_key, task_name=task_name)
+    return Identity(task_name, fn, policy, strict)
 
 
 def carry(call: Call, message_id: str, fields: MutableMapping[str, Any]) -> None:

@@ -1,9 +1,10 @@
 """``IdempotentTask``: the Celery side of the guard.
 
-Enqueue (``apply_async``) derives the key once, carries it in the message headers and asks
-the guard whether to publish. Execute (``__call__``) is the real guarantee: every delivery,
-whoever published it, asks the guard whether to run the body, replay the stored result,
-defer the message or drop it.
+Enqueue (``apply_async``) keys the call once (``Identity``), carries the key in the message
+headers bound to this task and message, and publishes inside ``Guard.publishing``. Execute
+(``__call__``) drives one ``Delivery`` per message: run the body under its lease, replay the
+stored result, defer the message or drop it. This module only translates between Celery's
+events and those core calls.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
 
 from celery import Task, states
+from celery.canvas import Signature
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult, EagerResult
+from kombu import serialization
 from kombu.utils.uuid import uuid
 
-from idemtask.celery.config import app_settings, codec_for, task_policy
+from idemtask.celery.config import app_settings, codec_for, task_identity, task_policy
 from idemtask.errors import (
     AlreadyRunningError,
     ConfigurationError,
@@ -28,18 +31,23 @@ from idemtask.errors import (
     LeaseLostError,
     TaskFailedError,
 )
-from idemtask.guard import Attempt, Call, Deferred, Dropped, Existing, Guard, Replay
-from idemtask.keys import DerivedKey, bind_arguments, derive_key, explicit_key
+from idemtask.guard import Call, Deferred, Delivery, Dropped, Existing, Guard
+from idemtask.identity import FINGERPRINT_FIELD, KEY_FIELD, Identity, carry
+from idemtask.keys import DerivedKey
 from idemtask.policy import Policy
 from idemtask.runtime import guard_for
 from idemtask.store.base import State
 
 logger = logging.getLogger("idemtask.celery")
 
-#: Message headers that carry the key computed at enqueue, so the worker does not recompute
-#: it from arguments that went through the serializer (and survives retries and defers).
-KEY_HEADER = "idemtask_key"
-FINGERPRINT_HEADER = "idemtask_fingerprint"
+#: Message headers that carry the key computed at enqueue (see ``idemtask.identity``).
+KEY_HEADER = KEY_FIELD
+FINGERPRINT_HEADER = FINGERPRINT_FIELD
+#: A retry's header: the attempt that published it, which may still be running its body.
+FOLLOWS_HEADER = "idemtask_follows"
+#: A replacement's header: the replaced call and the attempt it hands over,
+#: ``[task name, key, fingerprint, attempt id, token, message id]``.
+RESUMES_HEADER = "idemtask_resumes"
 #: The per-call option of ``apply_async``; popped before Celery sees the options.
 KEY_OPTION = "idempotency_key"
 
@@ -48,27 +56,19 @@ KEY_OPTION = "idempotency_key"
 #: suppressed at enqueue: the execute guard replays the stored result under their own id.
 _CANVAS_OPTIONS = ("chord", "group_id", "group_index", "chain", "parent_id")
 _PRESENT_OPTIONS = ("chain",)  # a chain step sent with ``chain=[]`` is still a chain step
+_dumps: Callable[..., Any] = serialization.dumps
 
 
 @dataclasses.dataclass(slots=True)
-class _Running:
-    """A body this context is running, so a retry can give its key back before the retry
-    message is published (else the retry could be delivered while the key is still held)."""
+class _Entered:
+    """A request this context entered ``__call__`` for, and the delivery guarding it."""
 
-    attempt: Attempt
-    guard: Guard
     request: Any
-    released: bool = False
-
-    def release(self, exc: BaseException) -> None:
-        if not self.released:
-            self.released = True
-            self.guard.leases.drop(self.attempt.attempt_id)
-            self.guard.fail(self.attempt, exc)
+    delivery: Delivery | None = None
 
 
-_running: contextvars.ContextVar[tuple[_Running, ...]] = contextvars.ContextVar(
-    "idemtask_celery_running", default=()
+_entered: contextvars.ContextVar[tuple[_Entered, ...]] = contextvars.ContextVar(
+    "idemtask_celery_entered", default=()
 )
 
 
@@ -83,6 +83,10 @@ class IdempotentTask(Task):  # type: ignore[misc]
 
     # -- configuration --------------------------------------------------------------------
 
+    def idemtask_identity(self) -> Identity | None:
+        """How this task's calls are keyed (None when not guarded); raises ConfigurationError."""
+        return task_identity(self)
+
     def idemtask_policy(self) -> Policy | None:
         """The resolved policy (None when not guarded); raises ConfigurationError."""
         return task_policy(self)
@@ -95,34 +99,11 @@ class IdempotentTask(Task):  # type: ignore[misc]
         idempotency_key: str | None = None,
     ) -> DerivedKey:
         """The key a call with these arguments gets (raises KeyDerivationError)."""
-        policy = self.idemtask_policy()
-        if policy is None:
+        identity = self.idemtask_identity()
+        if identity is None:
             raise ConfigurationError(f"task {self.name} is not idempotent")
-        return self._derive(policy, args, kwargs, idempotency_key)
-
-    def _derive(
-        self,
-        policy: Policy,
-        args: Sequence[Any] | None,
-        kwargs: Mapping[str, Any] | None,
-        explicit: str | None,
-    ) -> DerivedKey:
-        call_args = tuple(args or ())
-        call_kwargs = dict(kwargs or {})
-        arguments = bind_arguments(self.run, call_args, call_kwargs, task_name=self.name)
-        version = policy.idempotency_key_version
-        if explicit is not None:
-            # Without payload validation the arguments need not be encodable at all.
-            checked = arguments if policy.validate_payload else None
-            return explicit_key(self.name, explicit, version=version, arguments=checked)
-        return derive_key(
-            self.name,
-            arguments,
-            spec=policy.idempotency_key,
-            version=version,
-            args=call_args,
-            kwargs=call_kwargs,
-        )
+        call = identity.call(args, kwargs, explicit=idempotency_key)
+        return DerivedKey(key=call.key, fingerprint=call.fingerprint)
 
     def _guard(self) -> Guard:
         return guard_for(app_settings(self.app))
@@ -145,8 +126,8 @@ class IdempotentTask(Task):  # type: ignore[misc]
         Extra option: ``idempotency_key="..."`` keys this call by the given string.
         """
         explicit = options.pop(KEY_OPTION, None)
-        policy = self.idemtask_policy()
-        if policy is None:
+        identity = self.idemtask_identity()
+        if identity is None:
             if explicit is not None:
                 raise ConfigurationError(
                     f"idempotency_key given to apply_async of {self.name}, which is not idempotent"
@@ -154,60 +135,83 @@ class IdempotentTask(Task):  # type: ignore[misc]
             return super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
-        resubmit = task_id is not None and task_id == self.request.id
-        if resubmit and int(options.get("retries") or 0) > int(self.request.retries or 0):
-            _release_current(task_id, Retry("retry requested"))
+        given = options.pop("headers", None)
+        headers = _own_headers(given, eager=bool(self.app.conf.task_always_eager))
+        message_id = task_id or uuid()
+        resubmit = message_id == self.request.id
         passthrough = resubmit or _passes_through(link, link_error, options)
-        headers = dict(options.pop("headers", None) or {})
+        serializer = options.get("serializer")
 
         def publish() -> Any:
             return super(IdempotentTask, self).apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow,
-                headers=headers, **options,
+                args, kwargs, message_id, producer, link, link_error, shadow,
+                headers=given if headers is None else headers, **options,
             )  # fmt: skip
 
         try:
-            call = self._enqueue_call(policy, args, kwargs, headers, explicit)
-        except KeyDerivationError:
-            if not passthrough or explicit is not None:
+            call = self._enqueue_call(identity, headers, message_id, args, kwargs, explicit)
+        except Exception as exc:
+            self._refuse_as_celery(message_id, args, kwargs, serializer, exc)
+            if not isinstance(exc, KeyDerivationError) or not passthrough or explicit is not None:
                 raise  # nothing is published
             # A canvas step sent by a worker (its arguments include the previous result):
             # refusing it here would break the workflow silently; the execute side raises
             # the same error as this task's failure, where errbacks see it.
             return publish()
-        headers[KEY_HEADER] = call.key
-        headers[FINGERPRINT_HEADER] = call.fingerprint
-        fixed_id = task_id is not None
-        task_id = task_id or uuid()
-        guard = self._guard()
-        if not passthrough:
-            existing = guard.reserve(policy, call, task_id, delay=_delay(options))
-            if existing is not None:
-                if not fixed_id:
-                    return self._existing(existing, call)
-                # The caller fixed the id in advance (a frozen signature, e.g. a chord body)
-                # and waits on that id: publish, and the execute guard replays under it.
-                passthrough = True
-        try:
-            return publish()
-        except BaseException:
-            if not passthrough:
-                guard.cancel(call, task_id)
-            raise
+        if headers is not None:
+            carry(call, message_id, headers)
+            if resubmit and int(options.get("retries") or 0) > int(self.request.retries or 0):
+                _follow(message_id, headers)
+        guard, reserve, delay = self._guard(), not passthrough, _delay(options)
+        with guard.publishing(
+            identity.policy, call, message_id, delay=delay, reserve=reserve
+        ) as found:
+            if found is None:
+                return publish()
+        if task_id is None:  # a duplicate: Celery never sees it, so ask Celery's checks here
+            self._refuse_as_celery(message_id, args, kwargs, serializer, None)
+            return self._existing(found, call)
+        # The caller fixed the id in advance (a frozen signature, e.g. a chord body) and
+        # waits on that id: publish, and the execute guard replays under it.
+        return publish()
 
     def _enqueue_call(
         self,
-        policy: Policy,
+        identity: Identity,
+        headers: Mapping[str, Any] | None,
+        message_id: str,
         args: Sequence[Any] | None,
         kwargs: Mapping[str, Any] | None,
-        headers: Mapping[str, Any],
         explicit: str | None,
     ) -> Call:
-        """The key already in the headers (a retry or re-publish keeps it), else derived."""
-        if explicit is None and headers.get(KEY_HEADER):
-            return Call(self.name, headers[KEY_HEADER], headers.get(FINGERPRINT_HEADER) or "")
-        derived = self._derive(policy, args, kwargs, explicit)
-        return Call(self.name, derived.key, derived.fingerprint)
+        """The key these headers carry for this message (a retry or re-publish keeps it),
+        else derived from the arguments."""
+        carried = identity.carried(headers, message_id) if explicit is None else None
+        return carried or identity.call(args, kwargs, explicit=explicit)
+
+    def _refuse_as_celery(
+        self,
+        message_id: str,
+        args: Any,
+        kwargs: Any,
+        serializer: str | None,
+        cause: BaseException | None,
+    ) -> None:
+        """Raise the error Celery raises before publishing this call, if any: its argument
+        check (``typing``), the shapes ``send_task`` requires, the serializer. Asked whenever
+        idemtask does not hand the call to Celery, so it fails exactly as on a plain task."""
+        serializer = serializer or self.serializer
+        try:
+            if self.typing:
+                self.__header__(*(args or ()), **(kwargs or {}))
+            dump = self._dump_pydantic_arguments
+            if dump is not None and serializer != "pickle":
+                args, kwargs = dump(args, kwargs)
+            if not self.app.conf.task_always_eager:  # eager Celery fails such a call later
+                self.app.amqp.as_task_v2(message_id, self.name, args, kwargs)
+            _dumps((args or (), kwargs or {}, {}), serializer)
+        except Exception as refusal:
+            raise refusal from cause
 
     def _existing(self, existing: Existing, call: Call) -> AsyncResult | EagerResult:
         """A handle to the original task. Eager apps get an EagerResult with the stored value,
@@ -227,62 +231,115 @@ class IdempotentTask(Task):  # type: ignore[misc]
     # -- execute --------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Guard one delivery; direct calls (``task(...)``) run the body unguarded."""
-        policy = self.idemtask_policy()
+        """Guard one delivery. Direct calls (``task(...)``, and a body calling its own task)
+        run as on a plain Task; so does every call of a task that is not guarded."""
         request = self.request
-        if policy is None or request.called_directly or _is_recursive_call(request):
+        if request.called_directly or any(e.request is request for e in _entered.get()):
             return super().__call__(*args, **kwargs)
-        call = self._call_for(policy, request, args, kwargs)
-        guard = self._guard()
-        codec = codec_for(self.app)
-        eager = bool(request.is_eager)
-        if eager:
-            # An eager retry runs inside the failed attempt's own body: give its key back.
-            _release_current(request.id, Retry("eager retry"))
-            policy = _eager_policy(policy)
+        entry = _Entered(request)
+        token = _entered.set((*_entered.get(), entry))
         try:
-            decided = guard.begin(policy, call, task_id=request.id)
+            identity = self.idemtask_identity()
+            if identity is None:
+                # The tracer already pushed this request; Task.__call__ would push a second
+                # one, which a plain task (whose ``run`` the tracer calls) never sees.
+                return self.run(*args, **kwargs)
+            return self._deliver(identity, entry, args, kwargs)
+        finally:
+            _entered.reset(token)
+
+    def _deliver(
+        self, identity: Identity, entry: _Entered, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        request = self.request
+        eager = bool(request.is_eager)
+        policy = _eager_policy(identity.policy) if eager else identity.policy
+        headers = request.headers if isinstance(request.headers, Mapping) else {}
+        call = identity.resolve(headers, request.id, args, kwargs)
+        guard, codec = self._guard(), codec_for(self.app)
+        if eager:
+            _release_predecessor(request)
+        follows = headers.get(FOLLOWS_HEADER)
+        delivery = guard.delivery(
+            policy, call, request.id, codec, follows=follows if isinstance(follows, str) else None
+        )
+        entry.delivery = delivery
+        finished: list[bool] = []
+
+        def body() -> Any:
+            value = self.run(*args, **kwargs)
+            if isinstance(value, Retry):  # ``return self.retry(throw=False)``: not an answer
+                delivery.release(value)
+            finished.append(True)
+            return value
+
+        replaced = None if eager else self._replaced(headers, request, guard, codec, call)
+        try:
+            if replaced is None:
+                return delivery.run(body)
+            return replaced.run(lambda: _handing_over(replaced, lambda: delivery.run(body)))
         except Deferred as deferred:
             if eager:
                 raise AlreadyRunningError(call.key, "", deferred.delay) from None
             self._defer(args, kwargs, deferred.delay, deferred.reason)
         except Dropped as dropped:
             raise Ignore(str(dropped)) from None
-        if isinstance(decided, Replay):
-            return decided.value(codec)
-        running = _Running(decided, guard, request)
-        token = _running.set((*_running.get(), running))
-        try:
-            with guard.holding(decided):
-                try:
-                    # The tracer already pushed this request; Task.__call__ would push a
-                    # second, "called directly" one and hide request.id from the body.
-                    value = self.run(*args, **kwargs)
-                except BaseException as exc:
-                    running.release(exc)
-                    raise
-        finally:
-            _running.reset(token)
-        try:
-            return guard.succeed(decided, value, codec)
         except LeaseLostError as exc:
-            if eager:
+            if eager or not finished:
                 raise
             # Another attempt took the key over: deliver its recorded result later.
             self._defer(args, kwargs, policy.lease, str(exc))
 
-    def _call_for(
-        self, policy: Policy, request: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
-    ) -> Call:
-        """The key from the message header, or derived again for messages without one
-        (``send_task`` by name, beat in another process, another language's producer)."""
-        headers = request.headers or {}
-        key = headers.get(KEY_HEADER) or request.get(KEY_HEADER)
-        if key:
-            fingerprint = headers.get(FINGERPRINT_HEADER) or request.get(FINGERPRINT_HEADER)
-            return Call(self.name, str(key), str(fingerprint or ""))
-        derived = self._derive(policy, args, kwargs, None)
-        return Call(self.name, derived.key, derived.fingerprint)
+    def on_replace(self, sig: Any) -> Any:
+        """Hand this attempt's key to the replacement (same task id), which records its result
+        under the replaced call too: a duplicate of that call gets the replacement's answer.
+
+        Only a single idempotent task can take the key; anything else gets it back idle."""
+        entry = next((e for e in _entered.get() if e.request is self.request), None)
+        delivery = entry.delivery if entry is not None else None
+        attempt = delivery.attempt if delivery is not None else None
+        target = self.app.tasks.get(getattr(sig, "task", None) or "")
+        if (
+            attempt is None
+            or self.request.is_eager
+            or type(sig) is not Signature
+            or not isinstance(target, IdempotentTask)
+            or target.idemtask_identity() is None
+        ):
+            return super().on_replace(sig)
+        assert delivery is not None
+        call = attempt.call
+        headers = dict(sig.options.get("headers") or {})
+        headers[RESUMES_HEADER] = [
+            call.task_name, call.key, call.fingerprint, attempt.attempt_id, attempt.token,
+            self.request.id,
+        ]  # fmt: skip
+        sig.set(headers=headers)
+        try:
+            return super().on_replace(sig)
+        except Ignore:  # published: the replacement resumes the attempt
+            delivery.hand_over()
+            raise
+
+    def _replaced(
+        self, headers: Mapping[str, Any], request: Any, guard: Guard, codec: Any, own: Call
+    ) -> Delivery | None:
+        """The replaced call's delivery, resuming the attempt it handed to this message."""
+        resumes = headers.get(RESUMES_HEADER)
+        if not isinstance(resumes, (list, tuple)) or len(resumes) != 6:
+            return None
+        name, key, fingerprint, attempt_id, token, message_id = resumes
+        replaced = self.app.tasks.get(name)
+        if message_id != request.id or not isinstance(replaced, IdempotentTask):
+            return None
+        identity = replaced.idemtask_identity()
+        if identity is None:
+            return None
+        call = Call(name, str(key), str(fingerprint))
+        resumed = guard.delivery(
+            identity.policy, call, request.id, codec, resumes=(str(attempt_id), int(token))
+        )
+        return None if call.key == own.key else resumed
 
     def _defer(
         self, args: Sequence[Any], kwargs: Mapping[str, Any], delay: float, reason: str
@@ -312,6 +369,27 @@ class IdempotentTask(Task):  # type: ignore[misc]
         raise Ignore(f"deferred: {reason}")
 
 
+def _handing_over(resumed: Delivery, inner: Callable[[], Any]) -> Any:
+    """Run the replacement's own delivery; if it is set aside (deferred, dropped), the
+    replaced call's attempt goes with the message instead of being given back."""
+    try:
+        return inner()
+    except (Deferred, Dropped, LeaseLostError):
+        resumed.hand_over()
+        raise
+
+
+def _own_headers(given: Any, *, eager: bool) -> dict[str, Any] | None:
+    """A copy of the caller's headers to carry the key in, merged as Celery merges them (and
+    failing as Celery fails). None for eager Celery given headers of another shape: it hands
+    them to the request as they are, so they are passed on untouched."""
+    if eager and given is not None and not isinstance(given, Mapping):
+        return None
+    headers: dict[str, Any] = {}
+    headers.update(given or {})
+    return headers
+
+
 def _passes_through(link: Any, link_error: Any, options: Mapping[str, Any]) -> bool:
     """Canvas members, callbacks, retries and replacements are never suppressed at enqueue."""
     if link or link_error:
@@ -334,15 +412,27 @@ def _delay(options: Mapping[str, Any]) -> float:
     return 0.0
 
 
-def _is_recursive_call(request: Any) -> bool:
-    """A body that calls its own task directly still sees its own request on top."""
-    return any(running.request is request for running in _running.get())
+def _follow(task_id: str, headers: dict[str, Any]) -> None:
+    """Mark a retry with the attempt publishing it, so it waits for that attempt's body to
+    end instead of being taken for a duplicate (``Guard.begin(follows=...)``)."""
+    headers.pop(FOLLOWS_HEADER, None)
+    for entry in _entered.get():
+        attempt = entry.delivery.attempt if entry.delivery is not None else None
+        if attempt is not None and attempt.task_id == task_id:
+            headers[FOLLOWS_HEADER] = attempt.attempt_id
 
 
-def _release_current(task_id: str | None, exc: BaseException) -> None:
-    for running in _running.get():
-        if running.attempt.task_id == task_id:
-            running.release(exc)
+def _release_predecessor(request: Any) -> None:
+    """Celery < 5.7 runs an eager retry inside its predecessor's body: give that key back."""
+    for entry in _entered.get():
+        earlier = entry.request
+        if (
+            entry.delivery is not None
+            and earlier is not request
+            and earlier.id == request.id
+            and int(earlier.retries or 0) < int(request.retries or 0)
+        ):
+            entry.delivery.release(Retry("eager retry"))
 
 
 def _eager_policy(policy: Policy) -> Policy:
