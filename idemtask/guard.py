@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from idemtask import context
@@ -47,6 +47,7 @@ __all__ = [
     "Guard",
     "Replay",
     "final_exceptions",
+    "inline",
 ]
 
 logger = logging.getLogger("idemtask")
@@ -64,6 +65,17 @@ UNRETRYABLE: tuple[type[BaseException], ...] = (
     IdempotencyConflict,
     KeyDerivationError,
 )
+
+
+def inline(policy: Policy) -> Policy:
+    """The policy for a delivery run in the caller's thread (Celery's eager mode): there is
+    no broker to defer to, so wait (bounded by ``wait_timeout``) and let a store error
+    surface."""
+    return replace(
+        policy,
+        on_running="wait" if policy.on_running == "defer" else policy.on_running,
+        on_store_error="raise" if policy.on_store_error == "defer" else policy.on_store_error,
+    )
 
 
 def final_exceptions(policy: Policy) -> tuple[type[BaseException], ...]:
@@ -279,12 +291,13 @@ class Guard:
             time.sleep(self._busy(policy, call, task_id, outcome, deadline, on_running))
 
     def _held_by(self, call: Call, attempt_id: str) -> bool:
-        """Whether ``attempt_id`` holds the key (asked only when a follower finds it busy)."""
+        """Whether the key is held by ``attempt_id`` or by no one any more (it finished since
+        the busy answer): a follower then asks again instead of applying ``on_running``."""
         try:
             record = self.store.inspect(call.key)
         except StoreUnavailable:
             return False
-        return record is not None and record.state is State.RUNNING and record.holder == attempt_id
+        return record is None or record.state is not State.RUNNING or record.holder == attempt_id
 
     def _busy(
         self,
@@ -587,6 +600,12 @@ class Delivery:
         with self._guard.holding(decision):
             try:
                 value = body()
+            except (Deferred, Dropped) as exc:
+                # A nested delivery set the message aside: a resumed attempt goes with it.
+                if self.resumes is None:
+                    self.release(exc)
+                self.finished = True  # resumed: handed over again, to the message's copy
+                raise
             except BaseException as exc:
                 self.release(exc)
                 raise

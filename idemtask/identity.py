@@ -23,6 +23,11 @@ KEY_FIELD = "idemtask_key"
 FINGERPRINT_FIELD = "idemtask_fingerprint"
 #: ``[task name, message id]`` the carried key was derived for.
 BOUND_FIELD = "idemtask_bound"
+#: A retry's field: the attempt that published it and may still be running its body.
+FOLLOWS_FIELD = "idemtask_follows"
+#: A replacement's field: the call and attempt handed to it,
+#: ``[task name, key, fingerprint, attempt id, token, message id]``.
+HANDED_FIELD = "idemtask_handed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +148,46 @@ def carry(call: Call, message_id: str, fields: MutableMapping[str, Any]) -> None
     fields[BOUND_FIELD] = [call.task_name, message_id]
 
 
+def follow(attempt_id: str | None, fields: MutableMapping[str, Any]) -> None:
+    """Mark a message as published by ``attempt_id`` while its body runs (a retry)."""
+    fields.pop(FOLLOWS_FIELD, None)
+    if attempt_id is not None:
+        fields[FOLLOWS_FIELD] = attempt_id
+
+
+def followed(fields: Mapping[str, Any]) -> str | None:
+    """The attempt a message was published by (see ``follow``), if any."""
+    attempt_id = fields.get(FOLLOWS_FIELD)
+    return attempt_id if isinstance(attempt_id, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Handed:
+    """A call whose attempt was handed to a message (``Guard.delivery(resumes=...)``)."""
+
+    call: Call
+    attempt_id: str
+    token: int
+
+
+def hand(handed: Handed, message_id: str, fields: MutableMapping[str, Any]) -> None:
+    """Hand an attempt to the message ``message_id`` (a replacement with the same id)."""
+    call = handed.call
+    fields[HANDED_FIELD] = [
+        call.task_name, call.key, call.fingerprint, handed.attempt_id, handed.token, message_id
+    ]  # fmt: skip
+
+
+def handed(fields: Mapping[str, Any], message_id: str) -> Handed | None:
+    """The attempt handed to this message, if it was handed to this very message."""
+    value = fields.get(HANDED_FIELD)
+    if not isinstance(value, (list, tuple)) or len(value) != 6 or value[5] != message_id:
+        return None
+    name, key, fingerprint, attempt_id, token, _ = value
+    return Handed(Call(str(name), str(key), str(fingerprint)), str(attempt_id), int(token))
+
+
 def strip(fields: MutableMapping[str, Any]) -> None:
     """Remove a carried identity (before forwarding fields to another message)."""
-    for name in (KEY_FIELD, FINGERPRINT_FIELD, BOUND_FIELD):
+    for name in (KEY_FIELD, FINGERPRINT_FIELD, BOUND_FIELD, FOLLOWS_FIELD, HANDED_FIELD):
         fields.pop(name, None)

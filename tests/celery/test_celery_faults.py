@@ -79,7 +79,7 @@ def test_retry_without_throw_never_runs_two_bodies_at_once(
     )
     seen = decisions(counter, key)
     print(f"\nretry(throw=False): body runs={runs(counter, 'soft')}, decisions={seen}")
-    assert counter.get("overlap:soft") is None
+    assert counter.get("overlap:soft") is None, seen
     assert runs(counter, "soft") == 1  # the retry found the key done and replayed it
     assert result.get(timeout=30) == 1
     assert seen["acquired"] == 1 and seen["completed"] == 1
