@@ -31,7 +31,6 @@ _dumps: Callable[..., Any] = serialization.dumps
 
 def refuse_as_celery(
     task: Task,
-    message_id: str,
     call: tuple[Any, Any],
     serializer: str | None,
     cause: BaseException | None,
@@ -48,10 +47,18 @@ def refuse_as_celery(
         if dump is not None and serializer != "pickle":
             args, kwargs = dump(args, kwargs)
         if not task.app.conf.task_always_eager:  # eager Celery fails such a call later
-            task.app.amqp.as_task_v2(message_id, task.name, args, kwargs)
+            _check_shapes(args, kwargs)
         _dumps((args or (), kwargs or {}, {}), serializer)
     except Exception as refusal:
         raise refusal from cause
+
+
+def _check_shapes(args: Any, kwargs: Any) -> None:
+    """The checks (and messages) of Celery's ``AMQP.as_task_v2``, without building a message."""
+    if not isinstance(args or (), (list, tuple)):
+        raise TypeError("task args must be a list or tuple")
+    if not isinstance(kwargs or {}, Mapping):
+        raise TypeError("task keyword arguments must be a mapping")
 
 
 def own_headers(given: Any, *, eager: bool) -> dict[str, Any] | None:

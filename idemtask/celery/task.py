@@ -142,7 +142,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
         try:
             call = self._enqueue_call(identity, headers, message_id, args, kwargs, explicit)
         except Exception as exc:
-            calls.refuse_as_celery(self, message_id, call_args, serializer, exc)
+            calls.refuse_as_celery(self, call_args, serializer, exc)
             if not isinstance(exc, KeyDerivationError) or not passthrough or explicit is not None:
                 raise  # nothing is published
             # A canvas step sent by a worker (its arguments include the previous result):
@@ -160,7 +160,7 @@ class IdempotentTask(Task):  # type: ignore[misc]
             if found is None:
                 return publish()
         if task_id is None:  # a duplicate: Celery never sees it, so ask Celery's checks here
-            calls.refuse_as_celery(self, message_id, call_args, serializer, None)
+            calls.refuse_as_celery(self, call_args, serializer, None)
             return calls.existing_handle(self, found, call)
         # The caller fixed the id in advance (a frozen signature, e.g. a chord body) and
         # waits on that id: publish, and the execute guard replays under it.
