@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from idemtask import context
@@ -47,6 +47,7 @@ __all__ = [
     "Guard",
     "Replay",
     "final_exceptions",
+    "inline",
 ]
 
 logger = logging.getLogger("idemtask")
@@ -64,6 +65,17 @@ UNRETRYABLE: tuple[type[BaseException], ...] = (
     IdempotencyConflict,
     KeyDerivationError,
 )
+
+
+def inline(policy: Policy) -> Policy:
+    """The policy for a delivery run in the caller's thread (Celery's eager mode): there is
+    no broker to defer to, so wait (bounded by ``wait_timeout``) and let a store error
+    surface."""
+    return replace(
+        policy,
+        on_running="wait" if policy.on_running == "defer" else policy.on_running,
+        on_store_error="raise" if policy.on_store_error == "defer" else policy.on_store_error,
+    )
 
 
 def final_exceptions(policy: Policy) -> tuple[type[BaseException], ...]:
@@ -234,15 +246,34 @@ class Guard:
 
     # -- execute -------------------------------------------------------------------------
 
-    def delivery(self, policy: Policy, call: Call, task_id: str, codec: Codec) -> Delivery:
-        """The lifecycle of one delivery, for the adapter to drive."""
-        return Delivery(self, policy, call, task_id, codec)
+    def delivery(
+        self,
+        policy: Policy,
+        call: Call,
+        task_id: str,
+        codec: Codec,
+        *,
+        follows: str | None = None,
+        resumes: tuple[str, int] | None = None,
+    ) -> Delivery:
+        """The lifecycle of one delivery, for the adapter to drive.
 
-    def begin(self, policy: Policy, call: Call, task_id: str) -> Attempt | Replay:
+        ``follows``: the attempt id this message was published by (a retry sent while its
+        body still runs); ``resumes``: ``(attempt id, token)`` of an attempt that handed its
+        key over to this message (a replacement). See ``begin`` and ``resume``.
+        """
+        return Delivery(self, policy, call, task_id, codec, follows=follows, resumes=resumes)
+
+    def begin(
+        self, policy: Policy, call: Call, task_id: str, *, follows: str | None = None
+    ) -> Attempt | Replay:
         """Decide one delivery: an ``Attempt`` to run, or a ``Replay``.
 
         Raises ``Deferred`` / ``Dropped`` for the adapter to act on, and
         AlreadyRunningError, TaskFailedError, IdempotencyConflict or StoreUnavailable.
+        A message that ``follows`` the attempt still holding the key waits for it, then
+        defers, whatever ``on_running`` says: it is that attempt's own continuation, not a
+        duplicate, and dropping or failing it would lose the retry.
         """
         deadline = time.monotonic() + policy.wait_timeout
         while True:
@@ -254,12 +285,31 @@ class Guard:
             took = time.perf_counter() - started
             if outcome.status is not Status.BUSY:
                 return self._decided(policy, call, task_id, outcome, attempt_id, took)
-            time.sleep(self._busy(policy, call, task_id, outcome, deadline))
+            on_running = policy.on_running
+            if follows is not None and self._held_by(call, follows):
+                on_running = "wait"
+            time.sleep(self._busy(policy, call, task_id, outcome, deadline, on_running))
+
+    def _held_by(self, call: Call, attempt_id: str) -> bool:
+        """Whether the key is held by ``attempt_id`` or by no one any more (it finished since
+        the busy answer): a follower then asks again instead of applying ``on_running``."""
+        try:
+            record = self.store.inspect(call.key)
+        except StoreUnavailable:
+            return False
+        return record is None or record.state is not State.RUNNING or record.holder == attempt_id
 
     def _busy(
-        self, policy: Policy, call: Call, task_id: str, outcome: Outcome, deadline: float
+        self,
+        policy: Policy,
+        call: Call,
+        task_id: str,
+        outcome: Outcome,
+        deadline: float,
+        on_running: str | None = None,
     ) -> float:
         """Another attempt holds the key: how long to wait before asking again, or raise."""
+        on_running = on_running or policy.on_running
         left = max(outcome.lease_left_ms / 1000.0, MIN_DEFER_DELAY)
         holder = outcome.task_id
         emit(
@@ -268,15 +318,15 @@ class Guard:
             task_id,
             holder=holder,
             lease_left_ms=outcome.lease_left_ms,
-            policy=policy.on_running,
+            policy=on_running,
         )
-        if policy.on_running == "raise":
+        if on_running == "raise":
             raise AlreadyRunningError(call.key, holder, left)
-        if policy.on_running == "drop":
+        if on_running == "drop":
             emit(Decision.DROPPED, call, task_id, holder=holder)
             raise Dropped(f"{call.key} is running as {holder}")
         remaining = deadline - time.monotonic()
-        if policy.on_running == "wait" and remaining > 0:
+        if on_running == "wait" and remaining > 0:
             return min(left, remaining, _poll_interval(policy))
         delay = min(left, policy.lease, MAX_DEFER_DELAY)
         emit(Decision.DEFERRED, call, task_id, delay=round(delay, 3))
@@ -346,6 +396,22 @@ class Guard:
             raise TaskFailedError(call.key, holder, outcome.error)
         raise AssertionError(f"unexpected acquire outcome {outcome}")  # pragma: no cover
 
+    def resume(
+        self, policy: Policy, call: Call, task_id: str, attempt_id: str, token: int
+    ) -> Attempt | None:
+        """Take over an attempt handed to this message, if it still holds the key: its lease
+        is renewed under the same attempt id and token. None when it no longer holds it (its
+        lease was taken over, or the key was given back): decide with ``begin`` instead."""
+        lease = Lease(call.key, attempt_id, token, policy.lease_ms)
+        try:
+            held = self.store.renew(lease)
+        except StoreUnavailable:
+            return None
+        if not held:
+            return None
+        emit(Decision.ACQUIRED, call, task_id, token=token, resumed=True)
+        return Attempt(call, policy, task_id, attempt_id, token, False)
+
     @contextlib.contextmanager
     def holding(self, attempt: Attempt) -> Iterator[context.Execution]:
         """Run the body inside this: renews the lease and sets ``idemtask.current()``."""
@@ -372,7 +438,14 @@ class Guard:
         if not attempt.guarded:
             return value
         call, policy = attempt.call, attempt.policy
-        data = _encode(codec, value, call, policy.max_result_bytes)
+        try:
+            data = _encode(codec, value, call, policy.max_result_bytes)
+        except Exception as exc:
+            # One key, one answer: a value no handle can be given fails the key for good,
+            # and this delivery answers with the same error every later one replays.
+            error = _error_text(exc)
+            self._release(attempt, error, terminal=True)
+            raise TaskFailedError(call.key, attempt.task_id, error) from exc
         outcome = self._with_store_retries(
             attempt,
             lambda: self.store.complete(
@@ -399,16 +472,21 @@ class Guard:
         (replayed to later deliveries), ``idle`` otherwise (a retry or redelivery runs again)."""
         if not attempt.guarded:
             return
+        terminal = isinstance(exc, attempt.policy.terminal_exceptions)
+        self._release(attempt, _error_text(exc), terminal=terminal, kind=type(exc).__name__)
+
+    def _release(
+        self, attempt: Attempt, error: str, *, terminal: bool, kind: str | None = None
+    ) -> None:
         self.leases.drop(attempt.attempt_id)  # nothing renews a lease being given back
         call, policy = attempt.call, attempt.policy
-        terminal = isinstance(exc, policy.terminal_exceptions)
         outcome = self._with_store_retries(
             attempt,
             lambda: self.store.release(
                 call.key,
                 attempt_id=attempt.attempt_id,
                 token=attempt.token,
-                error=f"{type(exc).__name__}: {exc}"[:2000],
+                error=error,
                 terminal=terminal,
                 ttl_ms=policy.result_ttl_ms,
             ),
@@ -420,7 +498,8 @@ class Guard:
                 Decision.STALE_COMPLETION, call, attempt.task_id, token=attempt.token, released=True
             )
             return
-        emit(Decision.RELEASED, call, attempt.task_id, terminal=terminal, error=type(exc).__name__)
+        kind = kind or error.partition(":")[0]
+        emit(Decision.RELEASED, call, attempt.task_id, terminal=terminal, error=kind)
 
     def run(
         self, policy: Policy, call: Call, task_id: str, body: Callable[[], Any], codec: Codec
@@ -458,18 +537,40 @@ class Delivery:
     the body (Dramatiq decides in a middleware hook) calls ``decide`` first and ``run`` later;
     one that has the body at hand calls ``run`` alone. ``release`` gives the key back before
     the body ends (a retry about to be published) and ``abandon`` when the body never ran.
+    ``hand_over`` leaves the key held for the message that resumes this attempt.
     """
 
-    __slots__ = ("_guard", "call", "codec", "decision", "finished", "policy", "ran", "task_id")
+    __slots__ = (
+        "_guard",
+        "call",
+        "codec",
+        "decision",
+        "finished",
+        "follows",
+        "policy",
+        "ran",
+        "resumes",
+        "task_id",
+    )
 
     def __init__(
-        self, guard: Guard, policy: Policy, call: Call, task_id: str, codec: Codec
+        self,
+        guard: Guard,
+        policy: Policy,
+        call: Call,
+        task_id: str,
+        codec: Codec,
+        *,
+        follows: str | None = None,
+        resumes: tuple[str, int] | None = None,
     ) -> None:
         self._guard = guard
         self.policy = policy
         self.call = call
         self.task_id = task_id
         self.codec = codec
+        self.follows = follows
+        self.resumes = resumes
         self.decision: Attempt | Replay | None = None
         self.ran = False  # the body was called
         self.finished = False  # the outcome is recorded (or the key given back)
@@ -480,8 +581,14 @@ class Delivery:
         return self.decision if isinstance(self.decision, Attempt) else None
 
     def decide(self) -> Attempt | Replay:
+        if self.decision is None and self.resumes is not None:
+            attempt_id, token = self.resumes
+            guard = self._guard
+            self.decision = guard.resume(self.policy, self.call, self.task_id, attempt_id, token)
         if self.decision is None:
-            self.decision = self._guard.begin(self.policy, self.call, self.task_id)
+            self.decision = self._guard.begin(
+                self.policy, self.call, self.task_id, follows=self.follows
+            )
         return self.decision
 
     def run(self, body: Callable[[], Any]) -> Any:
@@ -493,6 +600,12 @@ class Delivery:
         with self._guard.holding(decision):
             try:
                 value = body()
+            except (Deferred, Dropped) as exc:
+                # A nested delivery set the message aside: a resumed attempt goes with it.
+                if self.resumes is None:
+                    self.release(exc)
+                self.finished = True  # resumed: handed over again, to the message's copy
+                raise
             except BaseException as exc:
                 self.release(exc)
                 raise
@@ -513,23 +626,25 @@ class Delivery:
         if not self.ran:
             self.release(reason)
 
+    def hand_over(self) -> None:
+        """Record nothing and keep the key held: a message published with this attempt's id
+        and token (``Guard.delivery(resumes=...)``) takes the attempt over. Until it does,
+        nothing renews the lease, so a message that never comes costs one lease period."""
+        self.finished = True
+
 
 def _fingerprint(policy: Policy, call: Call) -> str:
     return call.fingerprint if policy.validate_payload else ""
 
 
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
 def _encode(codec: Codec, value: Any, call: Call, limit: int) -> bytes | None:
-    try:
-        data = codec.encode(value)
-    except Exception as exc:
-        logger.warning(
-            "idemtask: result of %s (key %s) cannot be encoded (%s); recorded as done "
-            "without a stored result",
-            call.task_name,
-            call.key,
-            exc,
-        )
-        return None
+    """The stored form of a result; None when it is over ``limit``. Raises what the codec
+    raises for a value it cannot encode."""
+    data = codec.encode(value)
     if len(data) > limit:
         logger.warning(
             "idemtask: result of %s (key %s) is %d bytes, over max_result_bytes=%d; recorded "

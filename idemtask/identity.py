@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from idemtask.keys import bind_arguments, derive_key, explicit_key
+from idemtask.errors import KeyDerivationError
+from idemtask.keys import bind_arguments, derive_key, explicit_key, validate_key_spec
 from idemtask.policy import Policy
 
 #: Message fields that carry a call's identity from the producer to every delivery.
@@ -22,6 +23,11 @@ KEY_FIELD = "idemtask_key"
 FINGERPRINT_FIELD = "idemtask_fingerprint"
 #: ``[task name, message id]`` the carried key was derived for.
 BOUND_FIELD = "idemtask_bound"
+#: A retry's field: the attempt that published it and may still be running its body.
+FOLLOWS_FIELD = "idemtask_follows"
+#: A replacement's field: the call and attempt handed to it,
+#: ``[task name, key, fingerprint, attempt id, token, message id]``.
+HANDED_FIELD = "idemtask_handed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +42,17 @@ class Call:
 @dataclass(frozen=True, slots=True)
 class Identity:
     """How the calls of one task are keyed: its name, the function its arguments bind to,
-    and its policy (key spec, key version, payload validation)."""
+    and its policy (key spec, key version, payload validation).
+
+    ``strict=False`` keys a call whose arguments do not bind to ``fn`` from the arguments as
+    given, for frameworks that accept such a call and fail it only when the body runs
+    (Celery's ``typing=False``): the call is keyed, not refused at enqueue.
+    """
 
     task_name: str
     fn: Callable[..., Any]
     policy: Policy
+    strict: bool = True
 
     def call(
         self,
@@ -62,7 +74,7 @@ class Identity:
         if explicit is not None and not policy.validate_payload:
             derived = explicit_key(self.task_name, explicit, version=version)
             return Call(self.task_name, derived.key, derived.fingerprint)
-        arguments = bind_arguments(self.fn, call_args, call_kwargs, task_name=self.task_name)
+        arguments = self._bind(call_args, call_kwargs)
         if explicit is not None:
             derived = explicit_key(self.task_name, explicit, version=version, arguments=arguments)
         else:
@@ -75,6 +87,14 @@ class Identity:
                 kwargs=call_kwargs,
             )
         return Call(self.task_name, derived.key, derived.fingerprint)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return bind_arguments(self.fn, args, kwargs, task_name=self.task_name)
+        except KeyDerivationError:
+            if self.strict:
+                raise
+            return {"args": list(args), "kwargs": kwargs}  # the body will refuse the call
 
     def carried(self, fields: Mapping[str, Any] | None, message_id: str) -> Call | None:
         """The call a message carries, if it was derived for this task and this message.
@@ -103,6 +123,24 @@ class Identity:
         return self.carried(fields, message_id) or self.call(args, kwargs)
 
 
+def identify(
+    task_name: str,
+    fn: Callable[..., Any],
+    defaults: Policy,
+    options: Mapping[str, Any],
+    *,
+    strict: bool = True,
+) -> Identity | None:
+    """A task's identity from its declared options over ``defaults``; None when the task is
+    not guarded (``idempotent=False``). Raises ``ConfigurationError`` naming the task."""
+    source = f"task {task_name}"
+    policy = defaults.with_options(options, source=source)
+    if not policy.idempotent:
+        return None
+    validate_key_spec(fn, policy.idempotency_key, task_name=task_name)
+    return Identity(task_name, fn, policy, strict)
+
+
 def carry(call: Call, message_id: str, fields: MutableMapping[str, Any]) -> None:
     """Write the call's identity into a message's headers or options."""
     fields[KEY_FIELD] = call.key
@@ -110,7 +148,46 @@ def carry(call: Call, message_id: str, fields: MutableMapping[str, Any]) -> None
     fields[BOUND_FIELD] = [call.task_name, message_id]
 
 
+def follow(attempt_id: str | None, fields: MutableMapping[str, Any]) -> None:
+    """Mark a message as published by ``attempt_id`` while its body runs (a retry)."""
+    fields.pop(FOLLOWS_FIELD, None)
+    if attempt_id is not None:
+        fields[FOLLOWS_FIELD] = attempt_id
+
+
+def followed(fields: Mapping[str, Any]) -> str | None:
+    """The attempt a message was published by (see ``follow``), if any."""
+    attempt_id = fields.get(FOLLOWS_FIELD)
+    return attempt_id if isinstance(attempt_id, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Handed:
+    """A call whose attempt was handed to a message (``Guard.delivery(resumes=...)``)."""
+
+    call: Call
+    attempt_id: str
+    token: int
+
+
+def hand(handed: Handed, message_id: str, fields: MutableMapping[str, Any]) -> None:
+    """Hand an attempt to the message ``message_id`` (a replacement with the same id)."""
+    call = handed.call
+    fields[HANDED_FIELD] = [
+        call.task_name, call.key, call.fingerprint, handed.attempt_id, handed.token, message_id
+    ]  # fmt: skip
+
+
+def handed(fields: Mapping[str, Any], message_id: str) -> Handed | None:
+    """The attempt handed to this message, if it was handed to this very message."""
+    value = fields.get(HANDED_FIELD)
+    if not isinstance(value, (list, tuple)) or len(value) != 6 or value[5] != message_id:
+        return None
+    name, key, fingerprint, attempt_id, token, _ = value
+    return Handed(Call(str(name), str(key), str(fingerprint)), str(attempt_id), int(token))
+
+
 def strip(fields: MutableMapping[str, Any]) -> None:
     """Remove a carried identity (before forwarding fields to another message)."""
-    for name in (KEY_FIELD, FINGERPRINT_FIELD, BOUND_FIELD):
+    for name in (KEY_FIELD, FINGERPRINT_FIELD, BOUND_FIELD, FOLLOWS_FIELD, HANDED_FIELD):
         fields.pop(name, None)

@@ -14,7 +14,7 @@ from celery import Celery, Task
 from idemtask.celery.codec import CelerySerializerCodec
 from idemtask.config import Settings, resolve_settings
 from idemtask.errors import ConfigurationError
-from idemtask.keys import validate_key_spec
+from idemtask.identity import Identity, identify
 from idemtask.policy import POLICY_OPTIONS, Policy, check_option_names
 
 CONF_NAME = "idemtask"
@@ -90,30 +90,39 @@ def _defined_in(task_class: type[Task], value: Any) -> bool:
     return isinstance(qualname, str) and qualname.startswith(f"{task_class.__qualname__}.")
 
 
-def task_policy(task: Task) -> Policy | None:
-    """The task's validated policy, or None when it is not guarded (``idempotent=False`` or
-    one of Celery's own tasks). Cached on the task class per settings object."""
+def task_identity(task: Task) -> Identity | None:
+    """The task's identity (name, function, validated policy), or None when it is not
+    guarded (``idempotent=False`` or one of Celery's own tasks). Cached on the task class
+    per settings object."""
     task_class = type(task)
     settings = app_settings(task.app)
     cached = task_class.__dict__.get("_idemtask_cached")
     if cached is not None and cached[0] is settings:
-        policy: Policy | None = cached[1]
-        return policy
-    policy = resolve_policy(task, settings)
-    type.__setattr__(task_class, "_idemtask_cached", (settings, policy))
-    return policy
+        identity: Identity | None = cached[1]
+        return identity
+    identity = resolve_identity(task, settings)
+    type.__setattr__(task_class, "_idemtask_cached", (settings, identity))
+    return identity
 
 
-def resolve_policy(task: Task, settings: Settings) -> Policy | None:
-    """Merge and validate, raising ConfigurationError that names the task."""
+def task_policy(task: Task) -> Policy | None:
+    identity = task_identity(task)
+    return None if identity is None else identity.policy
+
+
+def resolve_identity(task: Task, settings: Settings) -> Identity | None:
+    """Merge and validate, raising ConfigurationError that names the task. A task that does
+    not type-check its calls (``typing=False``) keys the calls Celery accepts from it."""
     name = task.name or task_class_name(task)
     if name.startswith(BUILTIN_PREFIX):
         return None
-    policy = settings.defaults.with_options(task_options(type(task)), source=f"task {name}")
-    if not policy.idempotent:
-        return None
-    validate_key_spec(task.run, policy.idempotency_key, task_name=name)
-    return policy
+    options = task_options(type(task))
+    return identify(name, task.run, settings.defaults, options, strict=bool(task.typing))
+
+
+def resolve_policy(task: Task, settings: Settings) -> Policy | None:
+    identity = resolve_identity(task, settings)
+    return None if identity is None else identity.policy
 
 
 def task_class_name(task: Task) -> str:

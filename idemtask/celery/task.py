@@ -1,75 +1,72 @@
 """``IdempotentTask``: the Celery side of the guard.
 
-Enqueue (``apply_async``) derives the key once, carries it in the message headers and asks
-the guard whether to publish. Execute (``__call__``) is the real guarantee: every delivery,
-whoever published it, asks the guard whether to run the body, replay the stored result,
-defer the message or drop it.
+Enqueue (``apply_async``) keys the call once (``Identity``), carries the key in the message
+headers bound to this task and message, and publishes inside ``Guard.publishing``. Execute
+(``__call__``) drives one ``Delivery`` per message: run the body under its lease, replay the
+stored result, defer the message or drop it. This module only translates between Celery's
+events and those core calls.
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
-import logging
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any
 
-from celery import Task, states
-from celery.exceptions import Ignore, Reject, Retry
-from celery.result import AsyncResult, EagerResult
+from celery import Task
+from celery.canvas import Signature
+from celery.exceptions import Ignore, Retry
 from kombu.utils.uuid import uuid
 
-from idemtask.celery.config import app_settings, check_task_class, codec_for, task_policy
+from idemtask.celery import calls
+from idemtask.celery.config import (
+    app_settings,
+    check_task_class,
+    codec_for,
+    task_identity,
+    task_policy,
+)
 from idemtask.celery.django import OnCommit
 from idemtask.errors import (
     AlreadyRunningError,
     ConfigurationError,
     KeyDerivationError,
     LeaseLostError,
-    TaskFailedError,
 )
-from idemtask.guard import Attempt, Call, Deferred, Dropped, Existing, Guard, Replay
-from idemtask.keys import DerivedKey, bind_arguments, derive_key, explicit_key
+from idemtask.guard import Call, Deferred, Delivery, Dropped, Guard, inline
+from idemtask.identity import (
+    FINGERPRINT_FIELD,
+    KEY_FIELD,
+    Handed,
+    Identity,
+    carry,
+    follow,
+    followed,
+    hand,
+    handed,
+)
+from idemtask.keys import DerivedKey
 from idemtask.policy import Policy
 from idemtask.runtime import guard_for
-from idemtask.store.base import State
 
-logger = logging.getLogger("idemtask.celery")
-
-#: Message headers that carry the key computed at enqueue, so the worker does not recompute
-#: it from arguments that went through the serializer (and survives retries and defers).
-KEY_HEADER = "idemtask_key"
-FINGERPRINT_HEADER = "idemtask_fingerprint"
+#: Message headers that carry the key computed at enqueue (see ``idemtask.identity``).
+KEY_HEADER = KEY_FIELD
+FINGERPRINT_HEADER = FINGERPRINT_FIELD
 #: The per-call option of ``apply_async``; popped before Celery sees the options.
 KEY_OPTION = "idempotency_key"
 
-#: Options that make a publish part of a canvas (or a callback sent by a worker). Their task
-#: ids are frozen in advance and something waits on each of them, so they are never
-#: suppressed at enqueue: the execute guard replays the stored result under their own id.
-_CANVAS_OPTIONS = ("chord", "group_id", "group_index", "chain", "parent_id")
-_PRESENT_OPTIONS = ("chain",)  # a chain step sent with ``chain=[]`` is still a chain step
-
 
 @dataclasses.dataclass(slots=True)
-class _Running:
-    """A body this context is running, so a retry can give its key back before the retry
-    message is published (else the retry could be delivered while the key is still held)."""
+class _Entered:
+    """A request this context entered ``__call__`` for, and the delivery guarding it."""
 
-    attempt: Attempt
-    guard: Guard
     request: Any
-    released: bool = False
-
-    def release(self, exc: BaseException) -> None:
-        if not self.released:
-            self.released = True
-            self.guard.leases.drop(self.attempt.attempt_id)
-            self.guard.fail(self.attempt, exc)
+    delivery: Delivery | None = None
 
 
-_running: contextvars.ContextVar[tuple[_Running, ...]] = contextvars.ContextVar(
-    "idemtask_celery_running", default=()
+_entered: contextvars.ContextVar[tuple[_Entered, ...]] = contextvars.ContextVar(
+    "idemtask_celery_entered", default=()
 )
 
 
@@ -88,6 +85,10 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         super().__init_subclass__(**kwargs)
         check_task_class(cls)  # a misspelt option fails where Celery creates the class
 
+    def idemtask_identity(self) -> Identity | None:
+        """How this task's calls are keyed (None when not guarded); raises ConfigurationError."""
+        return task_identity(self)
+
     def idemtask_policy(self) -> Policy | None:
         """The resolved policy (None when not guarded); raises ConfigurationError."""
         return task_policy(self)
@@ -100,34 +101,11 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         idempotency_key: str | None = None,
     ) -> DerivedKey:
         """The key a call with these arguments gets (raises KeyDerivationError)."""
-        policy = self.idemtask_policy()
-        if policy is None:
+        identity = self.idemtask_identity()
+        if identity is None:
             raise ConfigurationError(f"task {self.name} is not idempotent")
-        return self._derive(policy, args, kwargs, idempotency_key)
-
-    def _derive(
-        self,
-        policy: Policy,
-        args: Sequence[Any] | None,
-        kwargs: Mapping[str, Any] | None,
-        explicit: str | None,
-    ) -> DerivedKey:
-        call_args = tuple(args or ())
-        call_kwargs = dict(kwargs or {})
-        arguments = bind_arguments(self.run, call_args, call_kwargs, task_name=self.name)
-        version = policy.idempotency_key_version
-        if explicit is not None:
-            # Without payload validation the arguments need not be encodable at all.
-            checked = arguments if policy.validate_payload else None
-            return explicit_key(self.name, explicit, version=version, arguments=checked)
-        return derive_key(
-            self.name,
-            arguments,
-            spec=policy.idempotency_key,
-            version=version,
-            args=call_args,
-            kwargs=call_kwargs,
-        )
+        call = identity.call(args, kwargs, explicit=idempotency_key)
+        return DerivedKey(key=call.key, fingerprint=call.fingerprint)
 
     def _guard(self) -> Guard:
         return guard_for(app_settings(self.app))
@@ -150,8 +128,8 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         Extra option: ``idempotency_key="..."`` keys this call by the given string.
         """
         explicit = options.pop(KEY_OPTION, None)
-        policy = self.idemtask_policy()
-        if policy is None:
+        identity = self.idemtask_identity()
+        if identity is None:
             if explicit is not None:
                 raise ConfigurationError(
                     f"idempotency_key given to apply_async of {self.name}, which is not idempotent"
@@ -159,202 +137,173 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
             return super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
-        resubmit = task_id is not None and task_id == self.request.id
-        if resubmit and int(options.get("retries") or 0) > int(self.request.retries or 0):
-            _release_current(task_id, Retry("retry requested"))
-        passthrough = resubmit or _passes_through(link, link_error, options)
-        headers = dict(options.pop("headers", None) or {})
+        given = options.pop("headers", None)
+        headers = calls.own_headers(given, eager=bool(self.app.conf.task_always_eager))
+        message_id = task_id or uuid()
+        resubmit = message_id == self.request.id
+        passthrough = resubmit or calls.passes_through(link, link_error, options)
+        serializer, call_args = options.get("serializer"), (args, kwargs)
 
         def publish() -> Any:
             return super(IdempotentTask, self).apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow,
-                headers=headers, **options,
+                args, kwargs, message_id, producer, link, link_error, shadow,
+                headers=given if headers is None else headers, **options,
             )  # fmt: skip
 
         try:
-            call = self._enqueue_call(policy, args, kwargs, headers, explicit)
-        except KeyDerivationError:
-            if not passthrough or explicit is not None:
+            call = self._enqueue_call(identity, headers, message_id, args, kwargs, explicit)
+        except Exception as exc:
+            calls.refuse_as_celery(self, call_args, serializer, exc)
+            if not isinstance(exc, KeyDerivationError) or not passthrough or explicit is not None:
                 raise  # nothing is published
             # A canvas step sent by a worker (its arguments include the previous result):
             # refusing it here would break the workflow silently; the execute side raises
             # the same error as this task's failure, where errbacks see it.
             return publish()
-        headers[KEY_HEADER] = call.key
-        headers[FINGERPRINT_HEADER] = call.fingerprint
-        fixed_id = task_id is not None
-        task_id = task_id or uuid()
-        guard = self._guard()
-        if not passthrough:
-            existing = guard.reserve(policy, call, task_id, delay=_delay(options))
-            if existing is not None:
-                if not fixed_id:
-                    return self._existing(existing, call)
-                # The caller fixed the id in advance (a frozen signature, e.g. a chord body)
-                # and waits on that id: publish, and the execute guard replays under it.
-                passthrough = True
-        try:
-            return publish()
-        except BaseException:
-            if not passthrough:
-                guard.cancel(call, task_id)
-            raise
+        if headers is not None:
+            carry(call, message_id, headers)
+            if resubmit and int(options.get("retries") or 0) > int(self.request.retries or 0):
+                follow(_attempt_of(message_id), headers)
+        guard, reserve, delay = self._guard(), not passthrough, calls.delay_of(options)
+        with guard.publishing(
+            identity.policy, call, message_id, delay=delay, reserve=reserve
+        ) as found:
+            if found is None:
+                return publish()
+        if task_id is None:  # a duplicate: Celery never sees it, so ask Celery's checks here
+            calls.refuse_as_celery(self, call_args, serializer, None)
+            return calls.existing_handle(self, found, call)
+        # The caller fixed the id in advance (a frozen signature, e.g. a chord body) and
+        # waits on that id: publish, and the execute guard replays under it.
+        return publish()
 
     def _enqueue_call(
         self,
-        policy: Policy,
+        identity: Identity,
+        headers: Mapping[str, Any] | None,
+        message_id: str,
         args: Sequence[Any] | None,
         kwargs: Mapping[str, Any] | None,
-        headers: Mapping[str, Any],
         explicit: str | None,
     ) -> Call:
-        """The key already in the headers (a retry or re-publish keeps it), else derived."""
-        if explicit is None and headers.get(KEY_HEADER):
-            return Call(self.name, headers[KEY_HEADER], headers.get(FINGERPRINT_HEADER) or "")
-        derived = self._derive(policy, args, kwargs, explicit)
-        return Call(self.name, derived.key, derived.fingerprint)
-
-    def _existing(self, existing: Existing, call: Call) -> AsyncResult | EagerResult:
-        """A handle to the original task. Eager apps get an EagerResult with the stored value,
-        since eager mode normally leaves the result backend unused."""
-        if not self.app.conf.task_always_eager:
-            return self.AsyncResult(existing.task_id)
-        if existing.state is State.DONE:
-            value = None
-            if existing.result is not None:
-                value = codec_for(self.app).decode(existing.result.data)
-            return EagerResult(existing.task_id, value, states.SUCCESS, name=self.name)
-        if existing.state is State.FAILED:
-            error = TaskFailedError(call.key, existing.task_id, "failed terminally")
-            return EagerResult(existing.task_id, error, states.FAILURE, name=self.name)
-        return EagerResult(existing.task_id, None, states.PENDING, name=self.name)
+        """The key these headers carry for this message (a retry or re-publish keeps it),
+        else derived from the arguments."""
+        carried = identity.carried(headers, message_id) if explicit is None else None
+        return carried or identity.call(args, kwargs, explicit=explicit)
 
     # -- execute --------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Guard one delivery; direct calls (``task(...)``) run the body unguarded."""
-        policy = self.idemtask_policy()
+        """Guard one delivery. Direct calls (``task(...)``, and a body calling its own task)
+        run as on a plain Task; so does every call of a task that is not guarded."""
         request = self.request
-        if policy is None or request.called_directly or _is_recursive_call(request):
+        if request.called_directly or any(e.request is request for e in _entered.get()):
             return super().__call__(*args, **kwargs)
-        call = self._call_for(policy, request, args, kwargs)
-        guard = self._guard()
-        codec = codec_for(self.app)
-        eager = bool(request.is_eager)
-        if eager:
-            # An eager retry runs inside the failed attempt's own body: give its key back.
-            _release_current(request.id, Retry("eager retry"))
-            policy = _eager_policy(policy)
+        entry = _Entered(request)
+        token = _entered.set((*_entered.get(), entry))
         try:
-            decided = guard.begin(policy, call, task_id=request.id)
+            identity = self.idemtask_identity()
+            if identity is None:
+                # The tracer already pushed this request; Task.__call__ would push a second
+                # one, which a plain task (whose ``run`` the tracer calls) never sees.
+                return self.run(*args, **kwargs)
+            return self._deliver(identity, entry, args, kwargs)
+        finally:
+            _entered.reset(token)
+
+    def _deliver(
+        self, identity: Identity, entry: _Entered, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        request = self.request
+        eager = bool(request.is_eager)
+        policy = inline(identity.policy) if eager else identity.policy
+        fields = request.headers if isinstance(request.headers, Mapping) else {}
+        call = identity.resolve(fields, request.id, args, kwargs)
+        guard, codec = self._guard(), codec_for(self.app)
+        if eager:
+            _release_predecessor(request)
+        delivery = guard.delivery(policy, call, request.id, codec, follows=followed(fields))
+        entry.delivery = delivery
+        ran: list[bool] = []
+
+        def body() -> Any:
+            value = self.run(*args, **kwargs)
+            if isinstance(value, Retry):  # ``return self.retry(throw=False)``: not an answer
+                delivery.release(value)
+            ran.append(True)
+            return value
+
+        resumed = None if eager else self._resumed(fields, request.id, guard, codec, call)
+        try:
+            if resumed is None:
+                return delivery.run(body)
+            return resumed.run(lambda: delivery.run(body))
         except Deferred as deferred:
             if eager:
                 raise AlreadyRunningError(call.key, "", deferred.delay) from None
-            self._defer(args, kwargs, deferred.delay, deferred.reason)
+            calls.defer(self, args, kwargs, deferred.delay, deferred.reason)
         except Dropped as dropped:
             raise Ignore(str(dropped)) from None
-        if isinstance(decided, Replay):
-            return decided.value(codec)
-        running = _Running(decided, guard, request)
-        token = _running.set((*_running.get(), running))
-        try:
-            with guard.holding(decided):
-                try:
-                    # The tracer already pushed this request; Task.__call__ would push a
-                    # second, "called directly" one and hide request.id from the body.
-                    value = self.run(*args, **kwargs)
-                except BaseException as exc:
-                    running.release(exc)
-                    raise
-        finally:
-            _running.reset(token)
-        try:
-            return guard.succeed(decided, value, codec)
         except LeaseLostError as exc:
-            if eager:
+            if eager or not ran:
                 raise
             # Another attempt took the key over: deliver its recorded result later.
-            self._defer(args, kwargs, policy.lease, str(exc))
+            calls.defer(self, args, kwargs, policy.lease, str(exc))
 
-    def _call_for(
-        self, policy: Policy, request: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
-    ) -> Call:
-        """The key from the message header, or derived again for messages without one
-        (``send_task`` by name, beat in another process, another language's producer)."""
-        headers = request.headers or {}
-        key = headers.get(KEY_HEADER) or request.get(KEY_HEADER)
-        if key:
-            fingerprint = headers.get(FINGERPRINT_HEADER) or request.get(FINGERPRINT_HEADER)
-            return Call(self.name, str(key), str(fingerprint or ""))
-        derived = self._derive(policy, args, kwargs, None)
-        return Call(self.name, derived.key, derived.fingerprint)
-
-    def _defer(
-        self, args: Sequence[Any], kwargs: Mapping[str, Any], delay: float, reason: str
-    ) -> NoReturn:
-        """Publish this same message again (same id, headers and ``retries``, so the user's
-        retry budget is untouched) after ``delay`` seconds, then ack this copy unrecorded.
-
-        If that publish fails the message is rejected with requeue, so it is never lost.
-        """
-        request = self.request
+    def on_replace(self, sig: Any) -> Any:
+        """Hand this attempt to the replacement (same task id), which records its result
+        under the replaced call too: a duplicate of that call gets the replacement's answer.
+        Only a single idempotent task can take it; otherwise the key is given back idle."""
+        entry = next((e for e in _entered.get() if e.request is self.request), None)
+        delivery = entry.delivery if entry is not None else None
+        attempt = delivery.attempt if delivery is not None else None
+        target = self.app.tasks.get(getattr(sig, "task", None) or "")
+        if attempt is None or self.request.is_eager or type(sig) is not Signature:
+            return super().on_replace(sig)
+        if not isinstance(target, IdempotentTask) or target.idemtask_identity() is None:
+            return super().on_replace(sig)
+        headers = dict(sig.options.get("headers") or {})
+        hand(Handed(attempt.call, attempt.attempt_id, attempt.token), self.request.id, headers)
+        sig.set(headers=headers)
         try:
-            signature = self.signature_from_request(
-                request, tuple(args), dict(kwargs), countdown=delay
-            )
-            signature.apply_async()
-        except Exception as exc:
-            logger.warning(
-                "idemtask: could not re-publish deferred task %s[%s] (%s); requeueing it",
-                self.name,
-                request.id,
-                exc,
-            )
-            raise Reject(f"deferral failed: {exc}", requeue=True) from exc
-        logger.info(
-            "idemtask: task %s[%s] deferred %.2fs: %s", self.name, request.id, delay, reason
-        )
-        raise Ignore(f"deferred: {reason}")
+            return super().on_replace(sig)
+        except Ignore:  # published: the replacement resumes the attempt
+            assert delivery is not None
+            delivery.hand_over()
+            raise
+
+    def _resumed(
+        self, fields: Mapping[str, Any], message_id: str, guard: Guard, codec: Any, own: Call
+    ) -> Delivery | None:
+        """The replaced call's delivery, resuming the attempt handed to this message."""
+        given = handed(fields, message_id)
+        replaced = self.app.tasks.get(given.call.task_name) if given is not None else None
+        if given is None or not isinstance(replaced, IdempotentTask) or given.call == own:
+            return None
+        identity = replaced.idemtask_identity()
+        if identity is None:
+            return None
+        resumes = (given.attempt_id, given.token)
+        return guard.delivery(identity.policy, given.call, message_id, codec, resumes=resumes)
 
 
-def _passes_through(link: Any, link_error: Any, options: Mapping[str, Any]) -> bool:
-    """Canvas members, callbacks, retries and replacements are never suppressed at enqueue."""
-    if link or link_error:
-        return True
-    if any(options.get(name) is not None for name in _CANVAS_OPTIONS):
-        return True
-    if any(name in options for name in _PRESENT_OPTIONS):
-        return True
-    return bool(options.get("replaced_task_nesting")) or int(options.get("retries") or 0) > 0
+def _attempt_of(task_id: str) -> str | None:
+    """The attempt this context runs for ``task_id``: a retry follows it."""
+    for entry in _entered.get():
+        attempt = entry.delivery.attempt if entry.delivery is not None else None
+        if attempt is not None and attempt.task_id == task_id:
+            return attempt.attempt_id
+    return None
 
 
-def _delay(options: Mapping[str, Any]) -> float:
-    """Seconds a ``countdown`` or ``eta`` holds the message back: its reservation lasts longer."""
-    countdown = options.get("countdown")
-    if countdown:
-        return max(0.0, float(countdown))
-    eta = options.get("eta")
-    if isinstance(eta, datetime):
-        return max(0.0, (eta - datetime.now(eta.tzinfo)).total_seconds())
-    return 0.0
-
-
-def _is_recursive_call(request: Any) -> bool:
-    """A body that calls its own task directly still sees its own request on top."""
-    return any(running.request is request for running in _running.get())
-
-
-def _release_current(task_id: str | None, exc: BaseException) -> None:
-    for running in _running.get():
-        if running.attempt.task_id == task_id:
-            running.release(exc)
-
-
-def _eager_policy(policy: Policy) -> Policy:
-    """Eager mode has no broker to defer to: wait (bounded by ``wait_timeout``) instead, and
-    let a store error surface."""
-    return dataclasses.replace(
-        policy,
-        on_running="wait" if policy.on_running == "defer" else policy.on_running,
-        on_store_error="raise" if policy.on_store_error == "defer" else policy.on_store_error,
-    )
+def _release_predecessor(request: Any) -> None:
+    """Celery < 5.7 runs an eager retry inside its predecessor's body: give that key back."""
+    for entry in _entered.get():
+        earlier = entry.request
+        if (
+            entry.delivery is not None
+            and earlier is not request
+            and earlier.id == request.id
+            and int(earlier.retries or 0) < int(request.retries or 0)
+        ):
+            entry.delivery.release(Retry("eager retry"))

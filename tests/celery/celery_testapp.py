@@ -85,6 +85,7 @@ def build_app(
         **conf,
     )
     _register(app)
+    _register_fault_tasks(app)
     return app
 
 
@@ -181,6 +182,49 @@ def _register(app: Celery) -> None:
         client = counter()
         client.incr(f"runs:{token}")
         return {"token": token, "pid": os.getpid()}
+
+
+def _register_fault_tasks(app: Celery) -> None:
+    """Tasks for the Celery API paths that must behave as on a plain task."""
+
+    @app.task(shared=False, bind=True, name="t.forwarding")
+    def forwarding(self: Any, token: str) -> list[str]:
+        # A correlation id passed on the common way: every header of the parent's request.
+        counter().incr(f"runs:forwarding:{token}")
+        child = app.tasks["t.record"].apply_async((f"{token}-child",), headers=self.request.headers)
+        named = app.send_task("t.record", args=(f"{token}-named",), headers=self.request.headers)
+        return [child.id, named.id]
+
+    @app.task(shared=False, bind=True, name="t.replaced")
+    def replaced(self: Any, token: str) -> Any:
+        counter().incr(f"runs:replaced:{token}")
+        return self.replace(app.tasks["t.record"].s(f"{token}-r"))
+
+    @app.task(shared=False, bind=True, name="t.soft_retry", max_retries=3)
+    def soft_retry(self: Any, token: str) -> int:
+        client = counter()
+        run = int(client.incr(f"runs:{token}"))
+        if client.incr(f"active:{token}") > 1:
+            client.set(f"overlap:{token}", 1)  # two bodies of one key at once
+        try:
+            if run == 1:
+                self.retry(countdown=0, throw=False)
+                time.sleep(1.5)  # the body goes on after publishing its retry
+            return run
+        finally:
+            client.decr(f"active:{token}")
+
+    @app.task(shared=False, bind=True, name="t.returns_retry", max_retries=3)
+    def returns_retry(self: Any, token: str) -> Any:
+        run = int(counter().incr(f"runs:{token}"))
+        if run == 1:
+            return self.retry(countdown=0.2, throw=False)
+        return f"run {run}"
+
+    @app.task(shared=False, name="t.unencodable")
+    def unencodable(token: str) -> object:
+        counter().incr(f"runs:{token}")
+        return object()
 
 
 def _from_environment() -> Celery | None:

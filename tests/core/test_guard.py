@@ -348,3 +348,50 @@ def test_an_abandoned_delivery_gives_the_key_back(guard: Guard) -> None:
     record = guard.store.inspect(c.key)
     assert record is not None and record.state is State.IDLE
     assert guard.leases.held() == []
+
+
+def test_an_unencodable_result_is_one_failure_for_every_delivery(guard: Guard) -> None:
+    c = call()
+    with pytest.raises(TaskFailedError) as original:
+        guard.run(FAST, c, "t1", lambda: object(), CODEC)
+    with pytest.raises(TaskFailedError) as later:
+        guard.run(FAST, c, "t2", lambda: pytest.fail("a failed key must not run again"), CODEC)
+    assert str(original.value) == str(later.value)
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.FAILED
+
+
+def test_a_follower_waits_for_its_predecessor_whatever_on_running_says(guard: Guard) -> None:
+    c = call()
+    holder = _hold(guard, c)
+    dropping = FAST.with_options({"on_running": "drop", "wait_timeout": 5}, source="t")
+    with pytest.raises(Dropped):  # a duplicate is dropped
+        guard.begin(dropping, c, "t2")
+
+    def release_later() -> None:
+        time.sleep(0.3)
+        guard.fail(holder, RuntimeError("retry"))
+
+    threading.Thread(target=release_later).start()
+    follower = guard.begin(dropping, c, "t1", follows=holder.attempt_id)
+    assert isinstance(follower, Attempt) and follower.token > holder.token
+
+
+def test_a_handed_over_attempt_is_resumed_by_its_message(guard: Guard) -> None:
+    c = call()
+    first = guard.delivery(FAST, c, "t1", CODEC)
+
+    def replaced() -> None:
+        first.hand_over()
+        raise RuntimeError("replaced")
+
+    with pytest.raises(RuntimeError):
+        first.run(replaced)
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.RUNNING  # not given back
+    attempt = first.attempt
+    assert attempt is not None
+    resumed = guard.delivery(FAST, c, "t1", CODEC, resumes=(attempt.attempt_id, attempt.token))
+    assert resumed.run(lambda: "from the replacement") == "from the replacement"
+    again = guard.delivery(FAST, c, "t1", CODEC, resumes=(attempt.attempt_id, attempt.token))
+    assert again.run(lambda: pytest.fail("done")) == "from the replacement"  # begin replays
