@@ -460,7 +460,17 @@ class Delivery:
     the body ends (a retry about to be published) and ``abandon`` when the body never ran.
     """
 
-    __slots__ = ("_guard", "call", "codec", "decision", "finished", "policy", "ran", "task_id")
+    __slots__ = (
+        "_guard",
+        "call",
+        "codec",
+        "decision",
+        "error",
+        "finished",
+        "policy",
+        "ran",
+        "task_id",
+    )
 
     def __init__(
         self, guard: Guard, policy: Policy, call: Call, task_id: str, codec: Codec
@@ -471,6 +481,7 @@ class Delivery:
         self.task_id = task_id
         self.codec = codec
         self.decision: Attempt | Replay | None = None
+        self.error: Exception | None = None  # what deciding raised: raised again by run
         self.ran = False  # the body was called
         self.finished = False  # the outcome is recorded (or the key given back)
 
@@ -480,8 +491,15 @@ class Delivery:
         return self.decision if isinstance(self.decision, Attempt) else None
 
     def decide(self) -> Attempt | Replay:
+        """Decided once: later calls give the same answer, or raise the same error."""
+        if self.error is not None:
+            raise self.error
         if self.decision is None:
-            self.decision = self._guard.begin(self.policy, self.call, self.task_id)
+            try:
+                self.decision = self._guard.begin(self.policy, self.call, self.task_id)
+            except Exception as exc:
+                self.error = exc
+                raise
         return self.decision
 
     def run(self, body: Callable[[], Any]) -> Any:
