@@ -522,3 +522,47 @@ def test_message_from_another_producer_is_keyed_at_the_worker(stub_env, counters
     dead = env.broker.dead_letters
     assert [m.message_id for m in dead] == [unkeyable.message_id]  # failed at once, no retries
     assert isinstance(dead[0]._exception, KeyDerivationError)
+
+
+def test_deferral_refused_by_the_broker_is_retried_not_lost(stub_env, counters) -> None:
+    """The broker refuses the deferred copy: the delivery fails with the ``Deferred`` (its
+    cause the broker's error), Retries enqueues it again, and it replays the holder's value."""
+    env = stub_env(worker_threads=1, lease=5)
+
+    @dramatiq.actor(idempotent=True, store_results=True, max_retries=3, **FAST_RETRIES)
+    def job(x: int) -> int:
+        counters.hit("job")
+        return x
+
+    env.start()
+    message = job.message(9)
+    env.middleware.before_enqueue(env.broker, message, None)
+    guard, policy = env.middleware.guard, env.middleware.policy_for("job")
+    assert policy is not None
+    from idemtask.guard import Call
+
+    call = Call("job", message.options[KEY_OPTION], message.options[FINGERPRINT_OPTION])
+    holder = guard.begin(policy, call, "someone-else")
+    refused: list[Any] = []
+    enqueued: list[Any] = []
+    original_enqueue = env.broker.enqueue
+
+    def refuse_first_deferral(msg: Any, *, delay: int | None = None) -> Any:
+        if DEFERRALS_OPTION in msg.options and not refused:
+            refused.append(msg)
+            raise dramatiq.errors.ConnectionClosed(OSError("broker went away"))
+        enqueued.append(msg)
+        return original_enqueue(msg, delay=delay)
+
+    env.broker.enqueue = refuse_first_deferral  # type: ignore[method-assign]
+    env.broker.enqueue(message)
+    wait = time.monotonic() + 5
+    while not refused and time.monotonic() < wait:
+        time.sleep(0.02)
+    assert refused and refused[0].message_id == message.message_id
+    guard.succeed(holder, 9, env.middleware.codec)  # type: ignore[arg-type]
+    env.join()
+    assert message.get_result(block=True, timeout=5000) == 9
+    assert counters.get("job") == 0
+    assert not env.broker.dead_letters
+    assert [m.options.get("retries") for m in enqueued][:2] == [None, 1]  # Retries kept it
