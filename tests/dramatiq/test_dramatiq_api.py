@@ -70,24 +70,6 @@ def test_idempotent_send_accepts_every_delay_form(stub_env, delay: Any, delay_ms
     assert record is not None and record.state is State.QUEUED
 
 
-def test_timedelta_delayed_send_runs_once(stub_env, counters) -> None:
-    env = stub_env()
-
-    @dramatiq.actor(idempotent=True, store_results=True)
-    def later(x: int) -> int:
-        counters.hit("later")
-        return x
-
-    env.start()
-    message = later.send_with_options(args=(5,), delay=timedelta(milliseconds=200))
-    assert later.send_with_options(args=(5,), delay=timedelta(seconds=1)).message_id == (
-        message.message_id
-    )
-    env.join()
-    assert message.get_result(block=True, timeout=5000) == 5
-    assert counters.get("later") == 1
-
-
 def test_explicit_key_without_payload_validation_does_not_encode_arguments(
     stub_env, counters
 ) -> None:
@@ -192,3 +174,24 @@ def test_options_forwarded_to_another_message_do_not_carry_its_key(stub_env, cou
     assert other_call.get_result(block=True, timeout=5000) == 16
     assert other_actor.get_result(block=True, timeout=5000) == 27
     assert (counters.get("square-3"), counters.get("square-4"), counters.get("cube-3")) == (1, 1, 1)
+
+
+def test_a_duplicates_handle_enqueued_again_is_the_original(stub_env, counters) -> None:
+    """The handle a duplicate ``send()`` returns carries the key bound to the original's id:
+    published again, it is a redelivery of the original (replayed), not a new call."""
+    env = stub_env()
+
+    @dramatiq.actor(idempotent=True, store_results=True)
+    def pay(order: str) -> str:
+        counters.hit("pay")
+        return f"paid {order}"
+
+    env.start()
+    first = pay.send_with_options(args=("o1",), idempotency_key="order-1")
+    handle = pay.send_with_options(args=("o1",), idempotency_key="order-1")
+    assert handle.message_id == first.message_id
+    env.join()
+    env.broker.enqueue(handle)
+    env.join()
+    assert counters.get("pay") == 1
+    assert handle.get_result(block=True, timeout=5000) == "paid o1"

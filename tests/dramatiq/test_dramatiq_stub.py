@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
 import dramatiq
@@ -16,6 +17,7 @@ from idemtask import ConfigurationError, KeyDerivationError
 from idemtask.dramatiq import IdempotencyMiddleware, InvalidActorOptions
 from idemtask.dramatiq.middleware import DEFERRALS_OPTION, FINGERPRINT_OPTION, KEY_OPTION
 from idemtask.errors import AlreadyRunningError, IdempotencyConflict, TaskFailedError
+from idemtask.guard import Call, Guard
 from idemtask.keys import bind_arguments, derive_key
 from idemtask.store.base import State
 
@@ -111,7 +113,8 @@ def test_key_spec_subset_and_callable(stub_env, counters) -> None:
     assert (counters.get("charge"), counters.get("welcome")) == (1, 1)
 
 
-def test_delayed_send_is_not_its_own_duplicate(stub_env, counters) -> None:
+@pytest.mark.parametrize("delay", [200, timedelta(milliseconds=200)], ids=str)
+def test_delayed_send_is_not_its_own_duplicate(stub_env, counters, delay: Any) -> None:
     env = stub_env()
 
     @dramatiq.actor(idempotent=True, store_results=True)
@@ -120,7 +123,7 @@ def test_delayed_send_is_not_its_own_duplicate(stub_env, counters) -> None:
         return x
 
     env.start()
-    message = later.send_with_options(args=(5,), delay=200)
+    message = later.send_with_options(args=(5,), delay=delay)
     assert later.send(5).message_id == message.message_id
     env.join()
     assert counters.get("later") == 1
@@ -260,6 +263,18 @@ def test_busy_key_defers_same_message_without_spending_retries(
     assert not env.broker.dead_letters
 
 
+def _held_elsewhere(env: Any, message: Any) -> tuple[Guard, Any]:
+    """Stamp ``message`` and let another attempt hold its key; returns that attempt."""
+    env.middleware.before_enqueue(env.broker, message, None)
+    policy = env.middleware.policy_for(message.actor_name)
+    assert policy is not None
+    call = Call(
+        message.actor_name, message.options[KEY_OPTION], message.options[FINGERPRINT_OPTION]
+    )
+    guard: Guard = env.middleware.guard
+    return guard, guard.begin(policy, call, "someone-else")
+
+
 def test_deferred_copy_keeps_message_id_and_retry_count(stub_env, counters) -> None:
     env = stub_env(worker_threads=1, lease=5)
 
@@ -270,14 +285,7 @@ def test_deferred_copy_keeps_message_id_and_retry_count(stub_env, counters) -> N
 
     env.start()
     message = job.message(9)
-    env.middleware.before_enqueue(env.broker, message, None)
-    guard = env.middleware.guard
-    policy = env.middleware.policy_for("job")
-    assert policy is not None
-    from idemtask.guard import Call
-
-    call = Call("job", message.options[KEY_OPTION], message.options[FINGERPRINT_OPTION])
-    holder = guard.begin(policy, call, "someone-else")  # another attempt holds the key
+    guard, holder = _held_elsewhere(env, message)
     enqueued: list[Any] = []
     original_enqueue = env.broker.enqueue
 
@@ -536,13 +544,7 @@ def test_deferral_refused_by_the_broker_is_retried_not_lost(stub_env, counters) 
 
     env.start()
     message = job.message(9)
-    env.middleware.before_enqueue(env.broker, message, None)
-    guard, policy = env.middleware.guard, env.middleware.policy_for("job")
-    assert policy is not None
-    from idemtask.guard import Call
-
-    call = Call("job", message.options[KEY_OPTION], message.options[FINGERPRINT_OPTION])
-    holder = guard.begin(policy, call, "someone-else")
+    guard, holder = _held_elsewhere(env, message)
     refused: list[Any] = []
     enqueued: list[Any] = []
     original_enqueue = env.broker.enqueue
