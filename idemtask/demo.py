@@ -126,7 +126,7 @@ def run_demo(redis_url: str | None = None) -> bool:
 
         step("4. A worker crashed mid-task: its lease is left behind")
         crashed = charge.message(4, 40)
-        call = middleware._stamp(crashed, middleware.policy_for("charge"))  # type: ignore[arg-type]
+        call = middleware._stamp(crashed)
         store.acquire(
             call.key,
             task_id=crashed.message_id,

@@ -545,6 +545,7 @@ class Delivery:
         "call",
         "codec",
         "decision",
+        "error",
         "finished",
         "follows",
         "policy",
@@ -572,6 +573,7 @@ class Delivery:
         self.follows = follows
         self.resumes = resumes
         self.decision: Attempt | Replay | None = None
+        self.error: Exception | None = None  # what deciding raised: raised again by run
         self.ran = False  # the body was called
         self.finished = False  # the outcome is recorded (or the key given back)
 
@@ -581,15 +583,22 @@ class Delivery:
         return self.decision if isinstance(self.decision, Attempt) else None
 
     def decide(self) -> Attempt | Replay:
-        if self.decision is None and self.resumes is not None:
-            attempt_id, token = self.resumes
-            guard = self._guard
-            self.decision = guard.resume(self.policy, self.call, self.task_id, attempt_id, token)
+        """Decided once: later calls give the same answer, or raise the same error."""
+        if self.error is not None:
+            raise self.error
         if self.decision is None:
-            self.decision = self._guard.begin(
-                self.policy, self.call, self.task_id, follows=self.follows
-            )
+            try:
+                self.decision = self._decided()
+            except Exception as exc:
+                self.error = exc
+                raise
         return self.decision
+
+    def _decided(self) -> Attempt | Replay:
+        if self.resumes is not None:
+            attempt_id, token = self.resumes
+            return self._guard.resume(self.policy, self.call, self.task_id, attempt_id, token)
+        return self._guard.begin(self.policy, self.call, self.task_id, follows=self.follows)
 
     def run(self, body: Callable[[], Any]) -> Any:
         """What the caller gets: the replayed result, or the body's (recorded) value."""

@@ -4,34 +4,26 @@ Register it before Retries::
 
     broker.add_middleware(IdempotencyMiddleware(redis_url=...), before=Retries)
 
-Where each decision is taken, and why:
+It translates Dramatiq's events into core calls (``Identity`` keys every call, ``Guard``
+takes every decision):
 
-* **Declaration** (``before_declare_actor``, and ``after_declare_actor`` for actors declared
-  before the middleware was added): options are validated into a ``Policy`` and bad
-  values raise ``InvalidActorOptions`` from the decorator. ``actor.fn`` is wrapped (so
-  a replayed value is the actor's return value and flows through Results, Pipelines, group
-  callbacks and ``on_success`` like any other) and ``actor.send_with_options`` is wrapped
-  (so a duplicate ``send()`` can hand back the original message without a custom actor
-  class: ``send()`` looks the method up on the instance).
-* **Enqueue**: the key is derived once and stored in ``message.options`` (``idemtask_key``,
-  ``idemtask_fingerprint``). Direct sends reserve the key first and return a handle carrying
-  the original ``message_id`` for a duplicate. ``before_enqueue`` only stamps messages
-  enqueued by other paths (pipelines, groups, callbacks); it never treats a message that
-  already carries a key as a duplicate, so delayed re-enqueues, Retries and the RabbitMQ
-  publish retry loop pass through. It raises only for arguments that cannot be keyed.
-* **Execute**: ``guard.begin`` runs in ``before_process_message``, after AgeLimit (an expired
-  message takes no lease) and TimeLimit (a ``wait`` counts against the time limit), and before
-  Retries. That is the only place a delivery can be set aside *without* running the actor:
-  a deferred copy (same ``message_id``, ``retries`` unchanged) is enqueued with a delay and
-  this copy is skipped with ``store_results`` switched off on it, so Results stores no
-  ``None`` for it and Retries, Pipelines and group barriers do not see it. Every other
-  decision is handed to the ``actor.fn`` wrapper through a context variable: it runs the body
-  under the lease, records the outcome, returns a replayed value, or raises the guard's error
-  so Dramatiq's normal exception path (Retries, Results, dead letters) applies. Errors are
-  raised from the wrapper rather than from the hook because ``emit_before`` swallows anything
-  that is not a ``MiddlewareError``. Errors that no retry can fix (a terminal failure, a
-  conflicting payload, a poisoned key, unkeyable arguments) are marked as ``throws`` on this
-  delivery, so Retries fails the message at once instead of retrying it.
+* **Declaration**: the actor's options become a validated ``Policy`` (or
+  ``InvalidActorOptions`` from the decorator). An idempotent actor then gets, once: the
+  errors no retry can change (``final_exceptions``) merged into its ``throws`` option, so
+  Retries fails them at once; ``fn`` wrapped, so a replayed value is the actor's return value
+  for Results, Pipelines, group callbacks and ``on_success``; ``send_with_options`` wrapped
+  (``send.py``), so a duplicate ``send()`` returns the original message.
+* **Enqueue**: the key is derived once and carried in ``message.options``, bound to the actor
+  and the message id. ``before_enqueue`` stamps messages from other paths (canvas,
+  callbacks) and never refuses one carrying its key (delayed re-enqueues, Retries, deferrals).
+* **Execute**: ``before_process_message`` (after AgeLimit and TimeLimit, before Retries)
+  opens the message's ``Delivery`` and decides it. Only a hook can set a message aside
+  without running the actor: a deferred one is enqueued again (same id, same ``retries``) and
+  this copy skipped, a dropped one skipped, with ``store_results`` off so Results stores no
+  ``None``. The ``Delivery`` is the one object the hook hands to the ``fn`` wrapper (a context
+  variable of the worker thread): ``delivery.run`` replays, runs the body under the lease, or
+  raises the decision's error from the actor, where Retries, Results and dead letters see it
+  (``emit_before`` would swallow it). The after hooks give back a lease whose body never ran.
 """
 
 from __future__ import annotations
@@ -40,38 +32,32 @@ import contextvars
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import dramatiq
 from dramatiq.broker import Broker, MessageProxy
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware, SkipMessage
-from dramatiq.results import ResultMissing, Results
 
 from idemtask.codecs import Codec
 from idemtask.config import Settings, resolve_settings
-from idemtask.errors import (
-    ConfigurationError,
-    IdempotencyConflict,
-    KeyDerivationError,
-    TaskFailedError,
-)
-from idemtask.guard import Attempt, Call, Deferred, Dropped, Existing, Guard, Replay
-from idemtask.keys import DerivedKey, bind_arguments, derive_key, explicit_key, validate_key_spec
+from idemtask.errors import ConfigurationError, KeyDerivationError
+from idemtask.guard import Deferred, Delivery, Dropped, Guard, final_exceptions
+from idemtask.identity import FINGERPRINT_FIELD, KEY_FIELD, Call, Identity, carry
+from idemtask.keys import DerivedKey, validate_key_spec
 from idemtask.policy import POLICY_OPTIONS, Policy
 from idemtask.runtime import guard_for
-from idemtask.store.base import State
 
 from .codec import EncoderCodec
 from .errors import InvalidActorOptions, UnkeyableMessage
 from .options import check_actor_options
+from .send import guarded_send
 
 logger = logging.getLogger("idemtask.dramatiq")
 
 #: Message options idemtask writes; they travel with the message through every broker.
-KEY_OPTION = "idemtask_key"
-FINGERPRINT_OPTION = "idemtask_fingerprint"
+KEY_OPTION = KEY_FIELD
+FINGERPRINT_OPTION = FINGERPRINT_FIELD
 DEFERRALS_OPTION = "idemtask_deferrals"
 #: Actor options, by the policy option each sets. Dramatiq's Results middleware already owns
 #: ``result_ttl`` (milliseconds), so idemtask's (seconds) is ``idempotency_result_ttl`` here.
@@ -81,28 +67,10 @@ ACTOR_OPTIONS = {
 #: The per-send option for a caller-given key: ``send_with_options(idempotency_key="...")``.
 EXPLICIT_KEY_OPTION = "idempotency_key"
 
-#: Errors that no retry can fix: the delivery fails at once (dead letter) instead.
-_UNRETRYABLE: tuple[type[BaseException], ...] = (
-    TaskFailedError,
-    IdempotencyConflict,
-    KeyDerivationError,
-)
-
-
-@dataclass(slots=True)
-class _Pending:
-    """What ``before_process_message`` decided, for the ``actor.fn`` wrapper to carry out."""
-
-    actor_name: str
-    final: Callable[[type[BaseException]], None]  # makes Retries fail this delivery at once
-    call: Call | None = None
-    decision: Attempt | Replay | BaseException | None = None  # None: run unguarded
-    ran: bool = False  # the wrapper took it: one delivery, one guarded body
-    throws: tuple[Any, ...] | None = None  # ("throws" option before ours) to restore
-
-
-_pending: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar(
-    "idemtask_dramatiq_pending", default=None
+#: The delivery this worker thread is processing: opened by ``before_process_message``, run
+#: by the ``fn`` wrapper, closed by ``after_process_message`` / ``after_skip_message``.
+_delivery: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
+    "idemtask_dramatiq_delivery", default=None
 )
 
 
@@ -134,8 +102,8 @@ class IdempotencyMiddleware(Middleware):
         self.settings: Settings = resolve_settings(explicit, framework_name="IdempotencyMiddleware")
         self.default_idempotent = default_idempotent
         self.codec: Codec = codec or EncoderCodec()
-        self._policies: dict[str, Policy] = {}
-        self._functions: dict[str, Callable[..., Any]] = {}
+        self._identities: dict[str, Identity] = {}  # idempotent actors, by name
+        self._declared: set[str] = set()  # every actor whose options were read
 
     # -- configuration -------------------------------------------------------------------
 
@@ -150,7 +118,19 @@ class IdempotencyMiddleware(Middleware):
 
     def policy_for(self, actor_name: str) -> Policy | None:
         """The policy of an idempotent actor, None for actors this middleware leaves alone."""
-        return self._policies.get(actor_name)
+        identity = self._identities.get(actor_name)
+        return identity.policy if identity is not None else None
+
+    def derive(
+        self,
+        actor_name: str,
+        args: tuple[Any, ...] | list[Any],
+        kwargs: dict[str, Any],
+        explicit: str | None = None,
+    ) -> DerivedKey:
+        """The key of one call, as both adapters derive it (same name and arguments, same key)."""
+        call = self._identities[actor_name].call(args, kwargs, explicit=explicit)
+        return DerivedKey(call.key, call.fingerprint)
 
     def before_declare_actor(self, broker: Broker, actor: dramatiq.Actor[Any, Any]) -> None:
         check_actor_options(broker, actor, ACTOR_OPTIONS)  # a misspelt option is refused
@@ -160,9 +140,9 @@ class IdempotencyMiddleware(Middleware):
         if isinstance(actor, str):
             # Dramatiq < 2.0's add_middleware passes the names of actors declared earlier.
             actor = broker.get_actor(actor)
-        if actor.actor_name not in self._functions:  # declared before the middleware was added
+        if actor.actor_name not in self._declared:  # declared before the middleware was added
             self._configure(actor)
-        self._install(broker, actor)
+        self._install(actor)
 
     def _configure(self, actor: dramatiq.Actor[Any, Any]) -> None:
         name = actor.actor_name
@@ -173,212 +153,88 @@ class IdempotencyMiddleware(Middleware):
             policy = self.settings.defaults.with_options(options, source=source)
             if not isinstance(enabled, bool):
                 raise ConfigurationError(f"{source}: idempotent must be True or False")
-            fn = _original(actor)
-            validate_key_spec(fn, policy.idempotency_key, task_name=name)
+            validate_key_spec(actor.fn, policy.idempotency_key, task_name=name)
         except ConfigurationError as exc:
             raise InvalidActorOptions(str(exc)) from exc
-        self._functions[name] = fn
-        if enabled:
-            self._policies[name] = policy
+        self._declared.add(name)
+        if enabled:  # keys bind to ``actor.fn`` before it is wrapped
+            self._identities[name] = Identity(name, actor.fn, policy)
         else:
-            self._policies.pop(name, None)
+            self._identities.pop(name, None)
 
-    def _install(self, broker: Broker, actor: dramatiq.Actor[Any, Any]) -> None:
-        """Wrap ``fn`` and ``send_with_options`` once per actor object."""
-        if actor.actor_name not in self._policies or getattr(actor, "_idemtask_installed", False):
+    def _install(self, actor: dramatiq.Actor[Any, Any]) -> None:
+        """Set the final exceptions and wrap ``fn`` and ``send_with_options``, once per actor."""
+        identity = self._identities.get(actor.actor_name)
+        if identity is None or getattr(actor, "_idemtask_installed", False):
             return
-        name = actor.actor_name
-        inner = actor.fn
-
-        @functools.wraps(inner)
-        def guarded_fn(*args: Any, **kwargs: Any) -> Any:
-            pending = _pending.get()
-            if pending is None or pending.actor_name != name or pending.ran:
-                return inner(*args, **kwargs)  # a plain call, outside a worker delivery
-            pending.ran = True
-            return self._carry_out(pending, lambda: inner(*args, **kwargs))
-
-        send = actor.send_with_options
-
-        @functools.wraps(send)
-        def send_with_options(
-            *,
-            args: tuple[Any, ...] = (),
-            kwargs: dict[str, Any] | None = None,
-            delay: int | None = None,
-            **options: Any,
-        ) -> Message[Any]:
-            return self._send(broker, actor, args, kwargs or {}, delay, options)
-
-        actor.fn = guarded_fn
-        setattr(actor, "send_with_options", send_with_options)  # noqa: B010 - instance override
+        actor.options["throws"] = _merged(actor.options.get("throws"), identity.policy)
+        actor.fn = _guarded(actor.actor_name, actor.fn)
+        send = guarded_send(actor, self._stamp, identity.policy, self.settings, self.codec)
+        setattr(actor, "send_with_options", send)  # noqa: B010 - instance override
         setattr(actor, "_idemtask_installed", True)  # noqa: B010
 
     # -- enqueue -------------------------------------------------------------------------
 
-    def _send(
-        self,
-        broker: Broker,
-        actor: dramatiq.Actor[Any, Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        delay: int | None,
-        options: dict[str, Any],
-    ) -> Message[Any]:
-        """``send_with_options`` for idempotent actors: reserve the key, then publish."""
-        message: Message[Any] = actor.message_with_options(args=args, kwargs=kwargs, **options)
-        policy = self._policies[actor.actor_name]
-        call = self._stamp(message, policy)  # UnkeyableMessage: nothing is enqueued
-        existing = self.guard.reserve(policy, call, message.message_id, delay=(delay or 0) / 1000)
-        if existing is not None:
-            return self._existing_handle(broker, message, existing)
-        try:
-            return broker.enqueue(message, delay=delay)
-        except BaseException:
-            self.guard.cancel(call, message.message_id)
-            raise
-
     def before_enqueue(self, broker: Broker, message: Message[Any], delay: int | None) -> None:
         """Stamp the key on messages that did not come through ``send`` (canvas, callbacks)."""
-        policy = self._policies.get(message.actor_name)
-        if policy is None or KEY_OPTION in message.options:
-            return
-        self._stamp(message, policy)
+        if message.actor_name in self._identities:
+            self._stamp(message)
 
-    def _stamp(self, message: Message[Any] | MessageProxy, policy: Policy) -> Call:
-        """The message's call, keyed once: the key rides in the options from then on."""
+    def _stamp(self, message: Message[Any] | MessageProxy) -> Call:
+        """The message's call: the one it carries when bound to it, else derived now from its
+        arguments (and a per-send ``idempotency_key``) and carried from then on."""
+        identity = self._identities[message.actor_name]
         options = message.options
-        if KEY_OPTION in options:
-            return Call(
-                message.actor_name, options[KEY_OPTION], options.get(FINGERPRINT_OPTION, "")
-            )
+        carried = identity.carried(options, message.message_id)
+        if carried is not None:
+            return carried
         explicit = options.pop(EXPLICIT_KEY_OPTION, None)
         try:
-            derived = self.derive(message.actor_name, message.args, message.kwargs, explicit)
+            call = identity.call(message.args, message.kwargs, explicit=explicit)
         except KeyDerivationError as exc:
             refused = UnkeyableMessage(str(exc))
             refused.path = exc.path
             raise refused from exc
-        options[KEY_OPTION] = derived.key
-        options[FINGERPRINT_OPTION] = derived.fingerprint
-        return Call(message.actor_name, derived.key, derived.fingerprint)
-
-    def derive(
-        self,
-        actor_name: str,
-        args: tuple[Any, ...] | list[Any],
-        kwargs: dict[str, Any],
-        explicit: str | None = None,
-    ) -> DerivedKey:
-        """The key of one call, as both adapters derive it (same name and arguments, same key)."""
-        policy = self._policies[actor_name]
-        fn = self._functions[actor_name]
-        arguments = bind_arguments(fn, args, kwargs, task_name=actor_name)
-        version = policy.idempotency_key_version
-        if explicit is not None:
-            return explicit_key(actor_name, explicit, version=version, arguments=arguments)
-        return derive_key(
-            actor_name,
-            arguments,
-            spec=policy.idempotency_key,
-            version=version,
-            args=tuple(args),
-            kwargs=kwargs,
-        )
-
-    def _existing_handle(
-        self, broker: Broker, message: Message[Any], existing: Existing
-    ) -> Message[Any]:
-        """A handle to the original message: ``get_result()`` reads the original's result."""
-        handle: Message[Any] = message.copy(message_id=existing.task_id)
-        if existing.state is State.DONE and existing.result is not None:
-            self._refill_result(broker, handle, existing)
-        return handle
-
-    def _refill_result(self, broker: Broker, handle: Message[Any], existing: Existing) -> None:
-        """Put the recorded result back in the Results backend when it expired there first
-        (idemtask keeps results for ``result_ttl``, Dramatiq's backend for its own TTL)."""
-        results = next((m for m in broker.middleware if isinstance(m, Results)), None)
-        actor = broker.get_actor(handle.actor_name)
-        if results is None or not actor.options.get("store_results", results.store_results):
-            return
-        assert existing.result is not None
-        try:
-            results.backend.get_result(handle, block=False)
-            return
-        except ResultMissing:
-            pass
-        except Exception:  # a result stored as an exception, or an unreachable backend
-            return
-        ttl = actor.options.get("result_ttl", results.result_ttl)
-        try:
-            value = self.codec.decode(existing.result.data)
-            results.backend.store_result(handle, value, ttl)
-        except Exception:
-            logger.warning("idemtask could not refill the result of %s", handle.message_id)
+        carry(call, message.message_id, options)
+        return call
 
     # -- execute -------------------------------------------------------------------------
 
     def before_process_message(self, broker: Broker, message: MessageProxy) -> None:
-        _pending.set(None)
-        policy = self._policies.get(message.actor_name)
-        if policy is None:
+        """Decide this delivery; set it aside when deferred or dropped.
+
+        Arguments that cannot be keyed raise ``UnkeyableMessage`` here (a ``MiddlewareError``,
+        so Dramatiq fails the message as if the actor had raised it); every other error of the
+        decision is raised by the ``fn`` wrapper.
+        """
+        _delivery.set(None)
+        identity = self._identities.get(message.actor_name)
+        if identity is None:
             return
-
-        def final(error: type[BaseException]) -> None:
-            if pending.throws is None:
-                pending.throws = _no_retry(broker, message, error)
-
-        pending = _Pending(message.actor_name, final)
-        _pending.set(pending)
+        call = self._stamp(message)
+        delivery = self.guard.delivery(identity.policy, call, message.message_id, self.codec)
+        _delivery.set(delivery)
         try:
-            pending.call = self._stamp(message, policy)
-            pending.decision = self.guard.begin(policy, pending.call, message.message_id)
+            delivery.decide()
         except Deferred as deferred:
-            self._defer(broker, message, deferred, pending)
+            self._defer(broker, message, deferred)
         except Dropped as dropped:
-            _pending.set(None)
-            message.options["store_results"] = False  # the holder stores the result
-            raise SkipMessage(str(dropped)) from None
-        except Exception as exc:
-            pending.decision = exc
-            if isinstance(exc, _UNRETRYABLE):
-                final(type(exc))
+            _set_aside(message, str(dropped))
+        except Exception:
+            return  # ``delivery.run`` raises it again, from the actor
 
-    def _defer(
-        self, broker: Broker, message: MessageProxy, deferred: Deferred, pending: _Pending
-    ) -> None:
-        """Enqueue the same message (same id, same retry count) for later; skip this copy."""
+    def _defer(self, broker: Broker, message: MessageProxy, deferred: Deferred) -> None:
+        """Enqueue the same message (same id and ``retries``) for later and skip this copy;
+        if the broker refuses, the actor raises the ``Deferred`` and Retries retries it."""
         deferrals = int(message.options.get(DEFERRALS_OPTION, 0)) + 1
         later: Message[Any] = message.copy(options={DEFERRALS_OPTION: deferrals})
         try:
             broker.enqueue(later, delay=max(1, int(deferred.delay * 1000)))
-        except Exception as exc:  # the broker refused: keep this copy by failing it to Retries
+        except Exception as exc:
             logger.warning("idemtask could not defer %s: %s", message.message_id, exc)
-            pending.decision = exc
+            deferred.__cause__ = exc
             return
-        _pending.set(None)
-        message.options["store_results"] = False  # no None result for the set-aside copy
-        raise SkipMessage(f"idemtask deferred: {deferred.reason}")
-
-    def _carry_out(self, pending: _Pending, body: Callable[[], Any]) -> Any:
-        decision = pending.decision
-        if decision is None:
-            return body()
-        if isinstance(decision, BaseException):
-            raise decision
-        if isinstance(decision, Replay):
-            return decision.value(self.codec)
-        guard = self.guard
-        with guard.holding(decision):
-            try:
-                value = body()
-            except BaseException as exc:
-                guard.fail(decision, exc)
-                if isinstance(exc, decision.policy.terminal_exceptions):
-                    pending.final(type(exc))  # recorded as failed: a retry would only replay it
-                raise
-        return guard.succeed(decision, value, self.codec)
+        _set_aside(message, f"idemtask deferred: {deferred.reason}")
 
     def after_process_message(
         self,
@@ -388,58 +244,44 @@ class IdempotencyMiddleware(Middleware):
         result: Any | None = None,
         exception: BaseException | None = None,
     ) -> None:
-        self._finish(message, exception or RuntimeError("the actor was not called"))
+        _close(message, exception or RuntimeError("the actor was not called"))
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
-        self._finish(message, SkipMessage("skipped by another middleware"))
-
-    def _finish(self, message: MessageProxy, reason: BaseException) -> None:
-        """Runs after Retries (we sit before it, and ``emit_after`` goes in reverse).
-
-        Puts back the ``throws`` option Retries has now read, so Callbacks' ``on_failure``
-        can encode the message; gives back a lease taken for a delivery whose body never ran
-        (another middleware skipped or failed it) rather than leaving it to expire.
-        """
-        pending = _pending.get()
-        _pending.set(None)
-        if pending is None:
-            return
-        if pending.throws is not None:
-            if pending.throws:
-                message.options["throws"] = pending.throws[0]
-            else:
-                message.options.pop("throws", None)
-        if not pending.ran and isinstance(pending.decision, Attempt):
-            self.guard.fail(pending.decision, reason)
+        _close(message, SkipMessage("skipped by another middleware"))
 
 
-def _original(actor: dramatiq.Actor[Any, Any]) -> Callable[..., Any]:
-    """The function keys are bound to: ``actor.fn`` before idemtask wraps it. For an async
-    actor that is Dramatiq's ``async_to_sync`` wrapper, whose ``__wrapped__`` gives the
-    coroutine function's signature."""
-    fn: Callable[..., Any] = actor.fn
-    return fn
+def _guarded(name: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+    """``actor.fn`` run through this thread's delivery of the actor; a direct call (outside a
+    worker, another actor's body, the body calling itself) is a plain function call."""
+
+    @functools.wraps(inner)
+    def guarded_fn(*args: Any, **kwargs: Any) -> Any:
+        delivery = _delivery.get()
+        if delivery is None or delivery.call.task_name != name or delivery.ran:
+            return inner(*args, **kwargs)
+        return delivery.run(lambda: inner(*args, **kwargs))
+
+    return guarded_fn
 
 
-def _no_retry(broker: Broker, message: MessageProxy, error: type[BaseException]) -> tuple[Any, ...]:
-    """Make Retries fail this delivery at once: the error will not change on a retry.
+def _merged(throws: Any, policy: Policy) -> tuple[type[BaseException], ...]:
+    """The actor's own ``throws`` (a class, a tuple or None) plus the policy's final ones."""
+    own = throws if isinstance(throws, tuple) else () if throws is None else (throws,)
+    return (*own, *(e for e in final_exceptions(policy) if e not in own))
 
-    Returns what to restore afterwards: ``()`` if the message had no ``throws`` option,
-    else ``(previous value,)``.
-    """
-    had = "throws" in message.options
-    previous = message.options.get("throws")
-    throws = previous
-    if throws is None:
-        try:
-            throws = broker.get_actor(message.actor_name).options.get("throws")
-        except Exception:
-            throws = None
-    if throws is None:
-        merged: tuple[type[BaseException], ...] = (error,)
-    elif isinstance(throws, tuple):
-        merged = (*throws, error)
-    else:
-        merged = (throws, error)
-    message.options["throws"] = merged
-    return (previous,) if had else ()
+
+def _set_aside(message: MessageProxy, reason: str) -> None:
+    """Skip this copy without running it; Results stores no ``None`` for it."""
+    _delivery.set(None)
+    message.options["store_results"] = False
+    raise SkipMessage(reason) from None
+
+
+def _close(message: MessageProxy, reason: BaseException) -> None:
+    """Runs after Retries (we sit before it, and ``emit_after`` goes in reverse): gives back
+    a lease taken for a delivery whose body never ran (another middleware skipped or failed
+    it) rather than leaving it to expire."""
+    delivery = _delivery.get()
+    _delivery.set(None)
+    if delivery is not None and delivery.task_id == message.message_id:
+        delivery.abandon(reason)

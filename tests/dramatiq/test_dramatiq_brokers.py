@@ -19,7 +19,7 @@ import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Retries
-from dramatiq.results import Results
+from dramatiq.results import ResultFailure, Results
 from dramatiq.results.backends import RedisBackend
 from dramatiq_helpers import wait_for
 
@@ -287,3 +287,58 @@ def test_store_stopped_during_a_run_loses_nothing(
             assert record is not None and record.state is State.DONE
     finally:
         worker.stop()
+
+
+def test_retries_on_a_redis_broker_skip_errors_a_retry_cannot_change(
+    redis_broker_env, redis_url, decisions
+) -> None:
+    """Retries reads the actor's ``throws``: a terminal exception, the ``TaskFailedError`` of
+    its key and an ``IdempotencyConflict`` fail the message at once; a plain error retries."""
+    store_url = redis_url.rsplit("/", 1)[0] + "/1"
+    broker, _, counters = redis_broker_env(
+        store_url, terminal_exceptions=(LookupError,), dedupe_enqueue=False
+    )
+    prefix = f"r{uuid.uuid4().hex[:6]}"
+    retry = {"store_results": True, "max_retries": 3, "min_backoff": 10, "max_backoff": 20}
+
+    @dramatiq.actor(idempotent=True, **retry)
+    def lookup(x: int) -> int:
+        counters.incr(f"{prefix}:lookup")
+        raise KeyError(x)
+
+    @dramatiq.actor(idempotent=True, **retry)
+    def keyed(x: int) -> int:
+        counters.incr(f"{prefix}:keyed")
+        return x
+
+    @dramatiq.actor(idempotent=True, **retry)
+    def flaky(x: int) -> int:
+        if counters.incr(f"{prefix}:flaky") < 3:
+            raise ConnectionError("blip")
+        return x
+
+    def failure(message: dramatiq.Message[Any], error: str) -> None:
+        with pytest.raises(ResultFailure, match=error):  # stored once it failed for good
+            message.get_result(block=True, timeout=20_000)
+
+    worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        failure(lookup.send(1), "KeyError")
+        failure(lookup.send(1), "TaskFailedError")  # the key failed for good: replayed
+        assert (
+            keyed.send_with_options(args=(1,), idempotency_key="k").get_result(
+                block=True, timeout=20_000
+            )
+            == 1
+        )
+        failure(keyed.send_with_options(args=(2,), idempotency_key="k"), "IdempotencyConflict")
+        assert flaky.send(5).get_result(block=True, timeout=20_000) == 5
+        broker.join(lookup.queue_name, timeout=20_000)
+    finally:
+        worker.stop()
+    runs = [int(counters.get(f"{prefix}:{name}") or 0) for name in ("lookup", "keyed", "flaky")]
+    assert runs == [1, 1, 3]  # the ordinary error was retried twice
+    # each unretryable delivery was decided once: a retry would have decided it again
+    assert (decisions.count("failed"), decisions.count("conflict")) == (1, 1)
+    assert decisions.count("released") == 3  # the terminal error and the two blips

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
 import dramatiq
@@ -16,6 +17,7 @@ from idemtask import ConfigurationError, KeyDerivationError
 from idemtask.dramatiq import IdempotencyMiddleware, InvalidActorOptions
 from idemtask.dramatiq.middleware import DEFERRALS_OPTION, FINGERPRINT_OPTION, KEY_OPTION
 from idemtask.errors import AlreadyRunningError, IdempotencyConflict, TaskFailedError
+from idemtask.guard import Call, Guard
 from idemtask.keys import bind_arguments, derive_key
 from idemtask.store.base import State
 
@@ -111,7 +113,8 @@ def test_key_spec_subset_and_callable(stub_env, counters) -> None:
     assert (counters.get("charge"), counters.get("welcome")) == (1, 1)
 
 
-def test_delayed_send_is_not_its_own_duplicate(stub_env, counters) -> None:
+@pytest.mark.parametrize("delay", [200, timedelta(milliseconds=200)], ids=str)
+def test_delayed_send_is_not_its_own_duplicate(stub_env, counters, delay: Any) -> None:
     env = stub_env()
 
     @dramatiq.actor(idempotent=True, store_results=True)
@@ -120,7 +123,7 @@ def test_delayed_send_is_not_its_own_duplicate(stub_env, counters) -> None:
         return x
 
     env.start()
-    message = later.send_with_options(args=(5,), delay=200)
+    message = later.send_with_options(args=(5,), delay=delay)
     assert later.send(5).message_id == message.message_id
     env.join()
     assert counters.get("later") == 1
@@ -260,6 +263,18 @@ def test_busy_key_defers_same_message_without_spending_retries(
     assert not env.broker.dead_letters
 
 
+def _held_elsewhere(env: Any, message: Any) -> tuple[Guard, Any]:
+    """Stamp ``message`` and let another attempt hold its key; returns that attempt."""
+    env.middleware.before_enqueue(env.broker, message, None)
+    policy = env.middleware.policy_for(message.actor_name)
+    assert policy is not None
+    call = Call(
+        message.actor_name, message.options[KEY_OPTION], message.options[FINGERPRINT_OPTION]
+    )
+    guard: Guard = env.middleware.guard
+    return guard, guard.begin(policy, call, "someone-else")
+
+
 def test_deferred_copy_keeps_message_id_and_retry_count(stub_env, counters) -> None:
     env = stub_env(worker_threads=1, lease=5)
 
@@ -270,14 +285,7 @@ def test_deferred_copy_keeps_message_id_and_retry_count(stub_env, counters) -> N
 
     env.start()
     message = job.message(9)
-    env.middleware.before_enqueue(env.broker, message, None)
-    guard = env.middleware.guard
-    policy = env.middleware.policy_for("job")
-    assert policy is not None
-    from idemtask.guard import Call
-
-    call = Call("job", message.options[KEY_OPTION], message.options[FINGERPRINT_OPTION])
-    holder = guard.begin(policy, call, "someone-else")  # another attempt holds the key
+    guard, holder = _held_elsewhere(env, message)
     enqueued: list[Any] = []
     original_enqueue = env.broker.enqueue
 
@@ -522,3 +530,41 @@ def test_message_from_another_producer_is_keyed_at_the_worker(stub_env, counters
     dead = env.broker.dead_letters
     assert [m.message_id for m in dead] == [unkeyable.message_id]  # failed at once, no retries
     assert isinstance(dead[0]._exception, KeyDerivationError)
+
+
+def test_deferral_refused_by_the_broker_is_retried_not_lost(stub_env, counters) -> None:
+    """The broker refuses the deferred copy: the delivery fails with the ``Deferred`` (its
+    cause the broker's error), Retries enqueues it again, and it replays the holder's value."""
+    env = stub_env(worker_threads=1, lease=5)
+
+    @dramatiq.actor(idempotent=True, store_results=True, max_retries=3, **FAST_RETRIES)
+    def job(x: int) -> int:
+        counters.hit("job")
+        return x
+
+    env.start()
+    message = job.message(9)
+    guard, holder = _held_elsewhere(env, message)
+    refused: list[Any] = []
+    enqueued: list[Any] = []
+    original_enqueue = env.broker.enqueue
+
+    def refuse_first_deferral(msg: Any, *, delay: int | None = None) -> Any:
+        if DEFERRALS_OPTION in msg.options and not refused:
+            refused.append(msg)
+            raise dramatiq.errors.ConnectionClosed(OSError("broker went away"))
+        enqueued.append(msg)
+        return original_enqueue(msg, delay=delay)
+
+    env.broker.enqueue = refuse_first_deferral  # type: ignore[method-assign]
+    env.broker.enqueue(message)
+    wait = time.monotonic() + 5
+    while not refused and time.monotonic() < wait:
+        time.sleep(0.02)
+    assert refused and refused[0].message_id == message.message_id
+    guard.succeed(holder, 9, env.middleware.codec)  # type: ignore[arg-type]
+    env.join()
+    assert message.get_result(block=True, timeout=5000) == 9
+    assert counters.get("job") == 0
+    assert not env.broker.dead_letters
+    assert [m.options.get("retries") for m in enqueued][:2] == [None, 1]  # Retries kept it
