@@ -178,8 +178,10 @@ def _hold_and_watch(keeper: LeaseKeeper, lease: Lease) -> list[float]:
     return lost
 
 
-def _lease_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "idemtask.lease"]
+def _lease_warnings(caplog: pytest.LogCaptureFixture, about: str = "") -> list[str]:
+    """The keeper's log lines (those naming ``about``: keepers of other tests live on)."""
+    lines = [r.getMessage() for r in caplog.records if r.name == "idemtask.lease"]
+    return [line for line in lines if about in line]
 
 
 def test_an_out_of_memory_store_does_not_kill_the_keeper_and_the_lease_is_lost_in_time(
@@ -201,7 +203,8 @@ def test_an_out_of_memory_store_does_not_kill_the_keeper_and_the_lease_is_lost_i
     assert len(lost) == 1 and lost[0] >= 1.0  # lost, and not before its lease could end
     assert keeper.held() == []
     assert store.attempts < 60  # backed off: not a retry per millisecond
-    assert len(_lease_warnings(caplog)) == 1, _lease_warnings(caplog)  # one, not one per try
+    warnings = _lease_warnings(caplog, "OOM")
+    assert len(warnings) == 1, warnings  # one, not one per try
     admin.config_set("maxmemory", 0)
     later = _acquire(store, "k2", "a2", 300)
     lost_later = _hold_and_watch(keeper, later)
@@ -209,6 +212,7 @@ def test_an_out_of_memory_store_does_not_kill_the_keeper_and_the_lease_is_lost_i
     assert _rival(store, "k2") is Status.BUSY  # the same keeper renews again
     assert lost_later == []
     assert any("recovered" in m for m in _lease_warnings(caplog))
+    keeper.drop(later.attempt_id)
 
 
 def test_refused_connections_are_retried_with_backoff_not_in_a_tight_loop(
@@ -224,7 +228,38 @@ def test_refused_connections_are_retried_with_backoff_not_in_a_tight_loop(
     assert keeper._thread is not None and keeper._thread.is_alive()
     assert len(lost) == 1 and lost[0] >= 1.5
     assert store.attempts < 60
-    assert len(_lease_warnings(caplog)) == 1, _lease_warnings(caplog)
+    warnings = _lease_warnings(caplog, f":{server.port}")
+    assert len(warnings) == 1, warnings
+
+
+class BrokenForAWhile(RedisStore):
+    """The real store, whose first renewals fail with an error that is no store failure
+    (as a bug in idemtask would)."""
+
+    broken = 3
+
+    def renew_many(self, leases: Sequence[Lease]) -> list[bool]:
+        if self.broken > 0:
+            self.broken -= 1
+            raise ValueError("unexpected reply shape")
+        return super().renew_many(leases)
+
+
+def test_an_unexpected_error_in_renewal_does_not_kill_the_keeper(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="idemtask.lease")
+    store = BrokenForAWhile.from_url(redis_url)
+    keeper = LeaseKeeper(store)
+    lost = _hold_and_watch(keeper, _acquire(store, "k", "a1", 1500))
+    time.sleep(2.0)
+    assert keeper._thread is not None and keeper._thread.is_alive()
+    assert store.broken == 0
+    assert _rival(store, "k") is Status.BUSY  # renewed again after the errors
+    assert lost == []
+    failing = [r for r in caplog.records if r.name == "idemtask.lease" and r.exc_info]
+    assert len(failing) == 1  # logged once, with its traceback
+    keeper.drop("a1")
 
 
 def _rival(store: RedisStore, key: str) -> Status:

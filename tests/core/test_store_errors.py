@@ -343,3 +343,20 @@ def test_a_store_failure_survives_pickling_with_its_reason() -> None:
     refused = pickle.loads(pickle.dumps(StoreRefused("idempotency store refused: OOM x", "OOM")))
     assert isinstance(refused, StoreRefused) and refused.reason == "OOM"
     assert str(refused) == "idempotency store refused: OOM x"
+
+
+def test_idemtask_bugs_are_not_store_failures_but_client_refusals_are() -> None:
+    """The line of ``idemtask.store.failures``: what the client raises is the store's;
+    a TypeError of idemtask's own code propagates unchanged, to be seen, not retried."""
+    from idemtask.store.failures import guarded
+
+    def bug() -> None:
+        raise TypeError("unsupported operand")
+
+    def encode() -> None:
+        raise redis.exceptions.DataError("Invalid input of type: 'dict'")
+
+    with pytest.raises(TypeError):
+        guarded(bug)
+    with pytest.raises(StoreUnavailable, match="Invalid input"):
+        guarded(encode)
