@@ -71,6 +71,17 @@ FAILURES: tuple[type[Exception], ...] = (
     redis.exceptions.RedisClusterException,
     OSError,
 )
+#: Failures after which a cluster client should read the slot table again: the node may
+#: have failed over or the slot moved. An error reply such as OOM is no reason to.
+TOPOLOGY: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.RedisClusterException,
+)
 _PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.DOTALL)
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _WORD = re.compile(r"[A-Z][A-Z_-]+")

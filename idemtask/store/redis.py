@@ -25,7 +25,7 @@ from redis.commands.core import Script
 
 from idemtask.store.base import Lease, Outcome, Record, State, Status, StoredResult
 from idemtask.store.cluster import cluster_client, is_cluster_url, is_sentinel_url, sentinel_client
-from idemtask.store.failures import FAILURES, client_secrets, guarded
+from idemtask.store.failures import TOPOLOGY, client_secrets, guarded
 
 T = TypeVar("T")
 
@@ -378,7 +378,7 @@ class RedisStore:
             self._refresh_topology()
         try:
             return op()
-        except FAILURES:
+        except TOPOLOGY:
             self._refresh_topology()
             raise
 
