@@ -25,7 +25,7 @@ from redis.commands.core import Script
 
 from idemtask.store.base import Lease, Outcome, Record, State, Status, StoredResult
 from idemtask.store.cluster import cluster_client, is_cluster_url, is_sentinel_url, sentinel_client
-from idemtask.store.failures import TOPOLOGY, client_secrets, guarded
+from idemtask.store.failures import FAILURES, TOPOLOGY, classify, client_secrets, guarded
 
 T = TypeVar("T")
 
@@ -64,17 +64,35 @@ class RedisStore:
         if wait_replicas < 0 or wait_timeout_ms < 1:
             # WAIT n 0 would block until the replicas answer, however long that takes.
             raise ValueError("wait_replicas must be >= 0 and wait_timeout_ms >= 1")
-        self.client = client
         self.prefix = prefix
-        self.is_cluster = isinstance(client, RedisCluster)
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.wait_shortfalls = 0  # completions fewer replicas confirmed than asked
         self._lock = threading.Lock()
+        self._connect: Callable[[], RedisCluster] | None = None
+        self._client: Any = None
+        self._scripts: dict[str, Script] = {}
+        self._secrets: tuple[str, ...] = ()
+        self.is_cluster = isinstance(client, RedisCluster)
+        if client is not None:
+            self._use(client)
+
+    def _use(self, client: Any) -> None:
         self._secrets = client_secrets(client)  # masked in every error message
-        self._scripts: dict[str, Script] = {
-            name: client.register_script(script_source(name)) for name in _OPERATIONS
-        }
+        self._scripts = {name: client.register_script(script_source(name)) for name in _OPERATIONS}
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client. A cluster none of whose seed nodes answered when the store
+        was built is connected here, on first use; until then this raises StoreUnavailable."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None and self._connect is not None:
+                    self._use(self._guarded(self._connect))
+                client = self._client
+        return client
 
     @classmethod
     def from_url(
@@ -87,25 +105,45 @@ class RedisStore:
         **client_options: Any,
     ) -> RedisStore:
         """Build the client the URL names: ``redis://``, ``rediss://``, ``unix://``,
-        ``redis+cluster://`` / ``rediss+cluster://`` (seed nodes) or ``redis+sentinel://``."""
+        ``redis+cluster://`` / ``rediss+cluster://`` (seed nodes) or ``redis+sentinel://``.
+
+        A cluster client reads the slot table when it is made; if no seed node answers, the
+        store is still made and connects on first use (each call until then fails with
+        ``StoreUnreachable``, which the guard handles like any outage)."""
         options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
         options.update(client_options)
-        client: redis.Redis | RedisCluster
+        settings: dict[str, Any] = {
+            "prefix": prefix,
+            "wait_replicas": wait_replicas,
+            "wait_timeout_ms": wait_timeout_ms,
+        }
         if is_cluster_url(url):
-            client = cluster_client(url, **options)
-        elif is_sentinel_url(url):
-            client = sentinel_client(url, **options)
-        else:
-            client = redis.Redis.from_url(url, **options)
-        return cls(
-            client, prefix=prefix, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms
-        )
+            return cls._cluster(partial(cluster_client, url, **options), settings)
+        if is_sentinel_url(url):
+            return cls(sentinel_client(url, **options), **settings)
+        return cls(redis.Redis.from_url(url, **options), **settings)
+
+    @classmethod
+    def _cluster(cls, connect: Callable[[], RedisCluster], settings: dict[str, Any]) -> RedisStore:
+        try:
+            return cls(connect(), **settings)
+        except FAILURES as exc:
+            logger.warning("idemtask store: %s; connecting on first use", classify(exc))
+        store = cls(None, **settings)
+        store.is_cluster = True
+        store._connect = connect
+        return store
+
+    def _script(self, name: str) -> Script:
+        if self._client is None:
+            self.client  # noqa: B018 - connects, or raises StoreUnavailable
+        return self._scripts[name]
 
     def record_name(self, key: str) -> str:
         return f"{self.prefix}:{{{key}}}"
 
     def _call(self, name: str, key: str, *args: Any) -> Any:
-        return self._guarded(lambda: self._scripts[name](keys=[self.record_name(key)], args=args))
+        return self._guarded(lambda: self._script(name)(keys=[self.record_name(key)], args=args))
 
     # -- transitions ---------------------------------------------------------------------
 
@@ -194,7 +232,7 @@ class RedisStore:
             return []
         if self.is_cluster:
             return self._renew_many_cluster(leases)
-        script = self._scripts["renew"]
+        script = self._script("renew")
 
         def send(reload: bool = True) -> list[Any]:
             # EVALSHA directly: a pipeline of Script objects would first send SCRIPT EXISTS,
@@ -224,7 +262,7 @@ class RedisStore:
         redis-py's cluster pipeline is not used: for EVALSHA it asks a node for the keys
         of every command (COMMAND GETKEYS) before sending, one extra round trip each.
         """
-        script = self._scripts["renew"]
+        script = self._script("renew")
         cluster: Any = self.client
         answers: dict[int, bool] = {}
 
@@ -322,7 +360,7 @@ class RedisStore:
         on the connection that ran the script; the pipeline keeps it one round trip.
         """
         name = self.record_name(key)
-        script = self._scripts["complete"]
+        script = self._script("complete")
 
         def send(attempts: int = _REDIRECT_RETRIES, reload: bool = True) -> tuple[Any, int]:
             target = self._primary_client(name)
@@ -437,7 +475,7 @@ class RedisStore:
                 return
 
     def ping(self) -> None:
-        self._guarded(self.client.ping)
+        self._guarded(lambda: self.client.ping())
 
     def _guarded(self, op: Callable[[], T]) -> T:
         """Every client call goes through here: a failure of the store, whatever the client

@@ -364,3 +364,25 @@ def test_idemtask_bugs_are_not_store_failures_but_client_refusals_are() -> None:
         guarded(bug)
     with pytest.raises(StoreUnavailable, match="Invalid input"):
         guarded(encode)
+
+
+def test_a_cluster_none_of_whose_seeds_answers_yet_is_connected_on_first_use() -> None:
+    """A worker may start while its cluster is down: building the store must not raise a
+    client exception (the guard would never see it); calls fail as StoreUnreachable until
+    the cluster answers, then work."""
+    from servers_cluster import LocalCluster
+
+    cluster = LocalCluster(primaries=1, replicas=0)
+    url = f"redis+cluster://{USER}:{PASSWORD}@{LOOPBACK}:{cluster.nodes[0].port}"
+    store = RedisStore.from_url(url, socket_timeout=2.0)
+    with pytest.raises(StoreUnreachable) as raised:
+        store.ping()
+    _assert_no_secret({"ping": raised.value})
+    try:
+        cluster.start()
+        for node in cluster.nodes:
+            _with_user(node)
+        assert store.is_cluster
+        assert store.renew_many([_lease(store, "after")]) == [True]
+    finally:
+        cluster.close()
