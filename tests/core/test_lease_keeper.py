@@ -262,6 +262,31 @@ def test_an_unexpected_error_in_renewal_does_not_kill_the_keeper(
     keeper.drop("a1")
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_keeper_thread_found_dead_is_started_again(redis_url: str) -> None:
+    """Nothing the keeper can catch kills it; what it cannot (a callback raising
+    SystemExit) is repaired the next time an attempt ends while others still hold."""
+    store = RedisStore.from_url(redis_url)
+    keeper = LeaseKeeper(store)
+    kept = _acquire(store, "kept", "a-kept", 900)
+    keeper.hold(kept, lambda: None)
+    doomed = _acquire(store, "doomed", "a-doomed", 300)
+
+    def exit_thread() -> None:
+        raise SystemExit
+
+    keeper.hold(doomed, exit_thread)
+    store.forget("doomed")  # its next renewal finds it gone and calls exit_thread
+    wait_until = time.monotonic() + 5
+    while keeper._thread is not None and keeper._thread.is_alive():
+        assert time.monotonic() < wait_until, "the callback did not end the thread"
+        time.sleep(0.01)
+    keeper.drop("an-attempt-that-ended")
+    time.sleep(1.2)  # past the kept lease, which only a running keeper renews
+    assert _rival(store, "kept") is Status.BUSY
+    keeper.drop(kept.attempt_id)
+
+
 def _rival(store: RedisStore, key: str) -> Status:
     out = store.acquire(
         key,
