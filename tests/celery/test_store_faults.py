@@ -9,6 +9,7 @@ raise ``StoreUnavailable`` and publish nothing with ``"raise"``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -17,6 +18,7 @@ from celery import Celery
 from celery_support import Urls, running_worker, wait_for
 from celery_testapp import decisions
 
+import idemtask
 from idemtask.errors import StoreRefused, StoreUnavailable
 
 from servers import RedisServer
@@ -91,3 +93,34 @@ def test_out_of_memory_at_enqueue_raises_and_publishes_nothing_when_told(
         app.tasks["t.record"].delay("oom-r")
     assert isinstance(raised.value, StoreRefused) and raised.value.reason == "OOM"
     assert _queued(urls) == 0
+
+
+def test_a_body_whose_lease_cannot_be_renewed_sees_lease_lost(
+    make_app: Callable[..., Celery],
+    fresh_redis: Callable[..., RedisServer],
+    counter: redis.Redis,
+) -> None:
+    """The store starts answering OOM while the body runs: renewals fail, and once a lease
+    length passed without one the body is told (another worker may take the key over)."""
+    store = fresh_redis()
+    app = make_app(store_url=store.url, idemtask_conf={"lease": 1})
+
+    @app.task(shared=False, name="t.watch")
+    def watch(token: str) -> str:
+        counter.incr(f"runs:{token}")
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            if idemtask.current().lease_lost:
+                counter.set(f"lost:{token}", 1)
+                return "lost"
+            time.sleep(0.02)
+        return "kept"
+
+    with running_worker(app, concurrency=1):
+        result = watch.delay("w1")
+        wait_for(lambda: counter.get("runs:w1"), 20, "the body")
+        _out_of_memory(store, full=True)
+        wait_for(lambda: counter.get("lost:w1") or result.ready(), 20, "lease_lost or the end")
+        _out_of_memory(store, full=False)
+        assert counter.get("lost:w1") == b"1"
+        result.get(timeout=30, propagate=False)
