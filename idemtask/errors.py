@@ -111,8 +111,31 @@ class PoisonMessageError(TaskFailedError):
 
 
 class StoreUnavailable(IdempotencyError):
-    """The record store cannot be reached.
+    """The record store failed a call: it cannot be reached (``StoreUnreachable``) or it
+    answered with an error reply (``StoreRefused``: out of memory, read-only, ...).
 
     With the default ``on_store_error="defer"`` a worker never raises it: the message is put
     back for later instead of being acked away.
     """
+
+
+class StoreUnreachable(StoreUnavailable):
+    """No usable answer from the store: connection refused or reset, a timeout, a cluster
+    whose topology is in flux, or a server at ``redis_url`` that does not speak Redis."""
+
+
+class StoreRefused(StoreUnavailable):
+    """The store answered the command with an error reply.
+
+    ``reason`` is the reply's first word as Redis sent it: ``OOM`` (``maxmemory`` reached
+    under ``noeviction``), ``MISCONF`` (a failed RDB save stops writes), ``BUSY`` (a long
+    script), ``NOPERM`` (ACL), ``READONLY`` (a replica), ``LOADING``, ``WRONGPASS``, ...
+    """
+
+    def __init__(self, message: str, reason: str = "ERR") -> None:
+        self.message = message
+        self.reason = reason
+        super().__init__(message, reason)
+
+    def __str__(self) -> str:
+        return self.message

@@ -23,24 +23,12 @@ import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
-from idemtask.errors import StoreUnavailable
 from idemtask.store.base import Lease, Outcome, Record, State, Status, StoredResult
 from idemtask.store.cluster import cluster_client, is_cluster_url, is_sentinel_url, sentinel_client
+from idemtask.store.failures import FAILURES, TOPOLOGY, classify, client_secrets, guarded
 
 T = TypeVar("T")
 
-_UNAVAILABLE: tuple[type[Exception], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
-    # Cluster topology changing under a call (a failover in progress):
-    redis.exceptions.ClusterError,
-    redis.exceptions.MasterDownError,
-    redis.exceptions.SlotNotCoveredError,
-)
 _OPERATIONS = ("reserve", "cancel", "acquire", "renew", "complete", "release")
 _REDIRECT_RETRIES = 3
 
@@ -76,16 +64,35 @@ class RedisStore:
         if wait_replicas < 0 or wait_timeout_ms < 1:
             # WAIT n 0 would block until the replicas answer, however long that takes.
             raise ValueError("wait_replicas must be >= 0 and wait_timeout_ms >= 1")
-        self.client = client
         self.prefix = prefix
-        self.is_cluster = isinstance(client, RedisCluster)
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.wait_shortfalls = 0  # completions fewer replicas confirmed than asked
         self._lock = threading.Lock()
-        self._scripts: dict[str, Script] = {
-            name: client.register_script(script_source(name)) for name in _OPERATIONS
-        }
+        self._connect: Callable[[], RedisCluster] | None = None
+        self._client: Any = None
+        self._scripts: dict[str, Script] = {}
+        self._secrets: tuple[str, ...] = ()
+        self.is_cluster = isinstance(client, RedisCluster)
+        if client is not None:
+            self._use(client)
+
+    def _use(self, client: Any) -> None:
+        self._secrets = client_secrets(client)  # masked in every error message
+        self._scripts = {name: client.register_script(script_source(name)) for name in _OPERATIONS}
+        self._client = client
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client. A cluster none of whose seed nodes answered when the store
+        was built is connected here, on first use; until then this raises StoreUnavailable."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None and self._connect is not None:
+                    self._use(self._guarded(self._connect))
+                client = self._client
+        return client
 
     @classmethod
     def from_url(
@@ -98,25 +105,45 @@ class RedisStore:
         **client_options: Any,
     ) -> RedisStore:
         """Build the client the URL names: ``redis://``, ``rediss://``, ``unix://``,
-        ``redis+cluster://`` / ``rediss+cluster://`` (seed nodes) or ``redis+sentinel://``."""
+        ``redis+cluster://`` / ``rediss+cluster://`` (seed nodes) or ``redis+sentinel://``.
+
+        A cluster client reads the slot table when it is made; if no seed node answers, the
+        store is still made and connects on first use (each call until then fails with
+        ``StoreUnreachable``, which the guard handles like any outage)."""
         options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
         options.update(client_options)
-        client: redis.Redis | RedisCluster
+        settings: dict[str, Any] = {
+            "prefix": prefix,
+            "wait_replicas": wait_replicas,
+            "wait_timeout_ms": wait_timeout_ms,
+        }
         if is_cluster_url(url):
-            client = cluster_client(url, **options)
-        elif is_sentinel_url(url):
-            client = sentinel_client(url, **options)
-        else:
-            client = redis.Redis.from_url(url, **options)
-        return cls(
-            client, prefix=prefix, wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms
-        )
+            return cls._cluster(partial(cluster_client, url, **options), settings)
+        if is_sentinel_url(url):
+            return cls(sentinel_client(url, **options), **settings)
+        return cls(redis.Redis.from_url(url, **options), **settings)
+
+    @classmethod
+    def _cluster(cls, connect: Callable[[], RedisCluster], settings: dict[str, Any]) -> RedisStore:
+        try:
+            return cls(connect(), **settings)
+        except FAILURES as exc:
+            logger.warning("idemtask store: %s; connecting on first use", classify(exc))
+        store = cls(None, **settings)
+        store.is_cluster = True
+        store._connect = connect
+        return store
+
+    def _script(self, name: str) -> Script:
+        if self._client is None:
+            self.client  # noqa: B018 - connects, or raises StoreUnavailable
+        return self._scripts[name]
 
     def record_name(self, key: str) -> str:
         return f"{self.prefix}:{{{key}}}"
 
     def _call(self, name: str, key: str, *args: Any) -> Any:
-        return _guarded(lambda: self._scripts[name](keys=[self.record_name(key)], args=args))
+        return self._guarded(lambda: self._script(name)(keys=[self.record_name(key)], args=args))
 
     # -- transitions ---------------------------------------------------------------------
 
@@ -205,24 +232,24 @@ class RedisStore:
             return []
         if self.is_cluster:
             return self._renew_many_cluster(leases)
-        script = self._scripts["renew"]
+        script = self._script("renew")
 
-        def send() -> list[Any]:
+        def send(reload: bool = True) -> list[Any]:
             # EVALSHA directly: a pipeline of Script objects would first send SCRIPT EXISTS,
             # a second round trip on every renewal.
             pipe = self.client.pipeline(transaction=False)
             for lease in leases:
                 pipe.evalsha(*self._renew_args(script, lease))
             answers = list(pipe.execute(raise_on_error=False))
-            if any(isinstance(a, redis.exceptions.NoScriptError) for a in answers):
+            if reload and any(isinstance(a, redis.exceptions.NoScriptError) for a in answers):
                 self.client.script_load(script.script)
-                return send()
+                return send(reload=False)  # NOSCRIPT again: raised below, a store failure
             for answer in answers:
                 if isinstance(answer, Exception):
                     raise answer
             return answers
 
-        return [bool(int(answer)) for answer in _guarded(send)]
+        return [bool(int(answer)) for answer in self._guarded(send)]
 
     def _renew_args(self, script: Script, lease: Lease) -> tuple[Any, ...]:
         name = self.record_name(lease.key)
@@ -235,7 +262,7 @@ class RedisStore:
         redis-py's cluster pipeline is not used: for EVALSHA it asks a node for the keys
         of every command (COMMAND GETKEYS) before sending, one extra round trip each.
         """
-        script = self._scripts["renew"]
+        script = self._script("renew")
         cluster: Any = self.client
         answers: dict[int, bool] = {}
 
@@ -267,17 +294,19 @@ class RedisStore:
         def run() -> None:  # a retry after a connection error sends only what is left
             send(answers_pending(), _REDIRECT_RETRIES)
 
-        _guarded(partial(self._on_cluster_nodes, run))
+        self._guarded(partial(self._on_cluster_nodes, run))
         return [answers[i] for i in range(len(leases))]
 
-    def _pipeline_node(self, target: Any, script: Script, leases: Sequence[Lease]) -> list[Any]:
+    def _pipeline_node(
+        self, target: Any, script: Script, leases: Sequence[Lease], reload: bool = True
+    ) -> list[Any]:
         pipe = target.pipeline(transaction=False)
         for lease in leases:
             pipe.evalsha(*self._renew_args(script, lease))
         replies = list(pipe.execute(raise_on_error=False))
-        if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+        if reload and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
             target.script_load(script.script)  # this node lost its scripts (restart, failover)
-            return self._pipeline_node(target, script, leases)
+            return self._pipeline_node(target, script, leases, reload=False)
         return replies
 
     def complete(
@@ -331,19 +360,19 @@ class RedisStore:
         on the connection that ran the script; the pipeline keeps it one round trip.
         """
         name = self.record_name(key)
-        script = self._scripts["complete"]
+        script = self._script("complete")
 
-        def send(attempts: int = _REDIRECT_RETRIES) -> tuple[Any, int]:
+        def send(attempts: int = _REDIRECT_RETRIES, reload: bool = True) -> tuple[Any, int]:
             target = self._primary_client(name)
             pipe = target.pipeline(transaction=False)
             pipe.evalsha(script.sha, 1, name, *args)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             reply, acked = pipe.execute(raise_on_error=False)
-            if isinstance(reply, redis.exceptions.NoScriptError):
+            if reload and isinstance(reply, redis.exceptions.NoScriptError):
                 # Nothing was written, so that WAIT had nothing new to wait for (it returns
                 # at once unless the replicas are behind on older writes).
                 target.script_load(script.script)
-                return send(attempts)
+                return send(attempts, reload=False)
             if isinstance(reply, redis.exceptions.AskError) and attempts > 0:
                 # MOVED (a failover promoted another node) or ASK: find the owner again.
                 self._refresh_topology()
@@ -353,7 +382,7 @@ class RedisStore:
                     raise answer
             return reply, int(acked)
 
-        reply, acked = _guarded(partial(self._on_cluster_nodes, send))
+        reply, acked = self._guarded(partial(self._on_cluster_nodes, send))
         if _text(reply[0]) == Status.COMPLETED.value and acked < self.wait_replicas:
             with self._lock:
                 self.wait_shortfalls += 1
@@ -387,7 +416,7 @@ class RedisStore:
             self._refresh_topology()
         try:
             return op()
-        except _UNAVAILABLE:
+        except TOPOLOGY:
             self._refresh_topology()
             raise
 
@@ -413,11 +442,11 @@ class RedisStore:
             pipe.pttl(name)
             return list(pipe.execute())
 
-        fields, ttl = _guarded(read)
+        fields, ttl = self._guarded(read)
         return _record(key, fields, int(ttl)) if fields else None
 
     def forget(self, key: str) -> bool:
-        return bool(_guarded(lambda: self.client.delete(self.record_name(key))))
+        return bool(self._guarded(lambda: self.client.delete(self.record_name(key))))
 
     def scan(self, *, batch: int = 500) -> Iterator[Record]:
         """Every record: SCAN on the server, or on every primary of a cluster in turn."""
@@ -425,7 +454,7 @@ class RedisStore:
             yield from self._scan_node(self.client, batch)
             return
         cluster: Any = self.client
-        for node in _guarded(cluster.get_primaries):
+        for node in self._guarded(cluster.get_primaries):
             yield from self._scan_node(cluster.get_redis_connection(node), batch)
 
     def _scan_node(self, client: Any, batch: int) -> Iterator[Record]:
@@ -433,7 +462,7 @@ class RedisStore:
         cursor: Any = 0
         start = len(self.prefix) + 2
         while True:
-            page: tuple[Any, list[Any]] = _guarded(
+            page: tuple[Any, list[Any]] = self._guarded(
                 partial(client.scan, cursor=cursor, match=match, count=batch)
             )
             cursor, names = page
@@ -446,14 +475,12 @@ class RedisStore:
                 return
 
     def ping(self) -> None:
-        _guarded(self.client.ping)
+        self._guarded(lambda: self.client.ping())
 
-
-def _guarded(op: Callable[[], T]) -> T:
-    try:
-        return op()
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(f"idempotency store unreachable: {exc}") from exc
+    def _guarded(self, op: Callable[[], T]) -> T:
+        """Every client call goes through here: a failure of the store, whatever the client
+        raised, comes out as a ``StoreUnavailable`` (see ``idemtask.store.failures``)."""
+        return guarded(op, self._secrets)
 
 
 def _text(value: Any) -> str:

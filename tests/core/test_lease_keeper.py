@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
+from collections.abc import Callable, Sequence
+
+import pytest
 
 from idemtask.lease import LeaseKeeper
 from idemtask.store import Lease, RedisStore, Status
+
+from servers import RedisServer
 
 
 def _acquire(store: RedisStore, key: str, attempt: str, lease_ms: int) -> Lease:
@@ -152,3 +158,144 @@ def test_a_shorter_lease_held_later_is_still_renewed_in_time(redis_url: str) -> 
     assert out.status is Status.BUSY
     assert lost == []
     assert keeper.renewals >= 3
+
+
+class CountingStore(RedisStore):
+    """The real store, counting every renewal round trip it is asked for (failed ones too)."""
+
+    attempts = 0
+
+    def renew_many(self, leases: Sequence[Lease]) -> list[bool]:
+        self.attempts += 1
+        return super().renew_many(leases)
+
+
+def _hold_and_watch(keeper: LeaseKeeper, lease: Lease) -> list[float]:
+    """Hold ``lease``; the returned list gets the seconds from hold to the lease-lost call."""
+    held_at = time.monotonic()
+    lost: list[float] = []
+    keeper.hold(lease, lambda: lost.append(time.monotonic() - held_at))
+    return lost
+
+
+def _lease_warnings(caplog: pytest.LogCaptureFixture, about: str = "") -> list[str]:
+    """The keeper's log lines (those naming ``about``: keepers of other tests live on)."""
+    lines = [r.getMessage() for r in caplog.records if r.name == "idemtask.lease"]
+    return [line for line in lines if about in line]
+
+
+def test_an_out_of_memory_store_does_not_kill_the_keeper_and_the_lease_is_lost_in_time(
+    fresh_redis: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Renewal writes; a store at maxmemory under noeviction answers OOM. The keeper backs
+    off, marks the lease lost once a lease length passed without a renewal (another worker
+    may take the key over from then on), and renews again when the store recovers."""
+    caplog.set_level(logging.WARNING, logger="idemtask.lease")
+    server = fresh_redis()
+    store = CountingStore.from_url(server.url)
+    keeper = LeaseKeeper(store)
+    lost = _hold_and_watch(keeper, _acquire(store, "k", "a1", 1000))
+    admin = server.client()
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", 1)
+    time.sleep(2.0)
+    assert keeper._thread is not None and keeper._thread.is_alive()
+    assert len(lost) == 1 and lost[0] >= 1.0  # lost, and not before its lease could end
+    assert keeper.held() == []
+    assert store.attempts < 60  # backed off: not a retry per millisecond
+    warnings = _lease_warnings(caplog, "OOM")
+    assert len(warnings) == 1, warnings  # one, not one per try
+    admin.config_set("maxmemory", 0)
+    later = _acquire(store, "k2", "a2", 300)
+    lost_later = _hold_and_watch(keeper, later)
+    time.sleep(0.8)
+    assert _rival(store, "k2") is Status.BUSY  # the same keeper renews again
+    assert lost_later == []
+    assert any("recovered" in m for m in _lease_warnings(caplog))
+    keeper.drop(later.attempt_id)
+
+
+def test_refused_connections_are_retried_with_backoff_not_in_a_tight_loop(
+    fresh_redis: Callable[..., RedisServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="idemtask.lease")
+    server = fresh_redis()
+    store = CountingStore.from_url(server.url)
+    keeper = LeaseKeeper(store)
+    lost = _hold_and_watch(keeper, _acquire(store, "k", "a1", 1500))
+    server.stop()
+    time.sleep(2.0)
+    assert keeper._thread is not None and keeper._thread.is_alive()
+    assert len(lost) == 1 and lost[0] >= 1.5
+    assert store.attempts < 60
+    warnings = _lease_warnings(caplog, f":{server.port}")
+    assert len(warnings) == 1, warnings
+
+
+class BrokenForAWhile(RedisStore):
+    """The real store, whose first renewals fail with an error that is no store failure
+    (as a bug in idemtask would)."""
+
+    broken = 3
+
+    def renew_many(self, leases: Sequence[Lease]) -> list[bool]:
+        if self.broken > 0:
+            self.broken -= 1
+            raise ValueError("unexpected reply shape")
+        return super().renew_many(leases)
+
+
+def test_an_unexpected_error_in_renewal_does_not_kill_the_keeper(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="idemtask.lease")
+    store = BrokenForAWhile.from_url(redis_url)
+    keeper = LeaseKeeper(store)
+    lost = _hold_and_watch(keeper, _acquire(store, "k", "a1", 1500))
+    time.sleep(2.0)
+    assert keeper._thread is not None and keeper._thread.is_alive()
+    assert store.broken == 0
+    assert _rival(store, "k") is Status.BUSY  # renewed again after the errors
+    assert lost == []
+    failing = [r for r in caplog.records if r.name == "idemtask.lease" and r.exc_info]
+    assert len(failing) == 1  # logged once, with its traceback
+    keeper.drop("a1")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_keeper_thread_found_dead_is_started_again(redis_url: str) -> None:
+    """Nothing the keeper can catch kills it; what it cannot (a callback raising
+    SystemExit) is repaired the next time an attempt ends while others still hold."""
+    store = RedisStore.from_url(redis_url)
+    keeper = LeaseKeeper(store)
+    kept = _acquire(store, "kept", "a-kept", 900)
+    keeper.hold(kept, lambda: None)
+    doomed = _acquire(store, "doomed", "a-doomed", 300)
+
+    def exit_thread() -> None:
+        raise SystemExit
+
+    keeper.hold(doomed, exit_thread)
+    store.forget("doomed")  # its next renewal finds it gone and calls exit_thread
+    wait_until = time.monotonic() + 5
+    while keeper._thread is not None and keeper._thread.is_alive():
+        assert time.monotonic() < wait_until, "the callback did not end the thread"
+        time.sleep(0.01)
+    keeper.drop("an-attempt-that-ended")
+    time.sleep(1.2)  # past the kept lease, which only a running keeper renews
+    assert _rival(store, "kept") is Status.BUSY
+    keeper.drop(kept.attempt_id)
+
+
+def _rival(store: RedisStore, key: str) -> Status:
+    out = store.acquire(
+        key,
+        task_id="x",
+        attempt_id="rival",
+        task_name="n",
+        fingerprint="",
+        lease_ms=300,
+        max_deliveries=5,
+        ttl_ms=60_000,
+    )
+    return out.status
