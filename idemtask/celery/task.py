@@ -254,7 +254,7 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         running = _Running(decided, guard, request)
         token = _running.set((*_running.get(), running))
         try:
-            with guard.holding(decided):
+            with guard.holding(decided, codec):
                 try:
                     # The tracer already pushed this request; Task.__call__ would push a
                     # second, "called directly" one and hide request.id from the body.

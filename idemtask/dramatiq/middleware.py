@@ -368,7 +368,7 @@ class IdempotencyMiddleware(Middleware):
         if isinstance(decision, Replay):
             return decision.value(self.codec)
         guard = self.guard
-        with guard.holding(decision):
+        with guard.holding(decision, self.codec):
             try:
                 value = body()
             except BaseException as exc:
