@@ -269,3 +269,20 @@ def test_one_round_trip_per_step_and_one_read_per_later_attempt(redis_url: str) 
         idemtask.step("c", lambda: 3)
     assert _evalsha_calls(counter) - before == 2  # one read, then one write for "c"
     counter.close()
+
+
+def test_inspect_shows_the_steps_and_forget_removes_them(redis_url: str) -> None:
+    from click.testing import CliRunner
+
+    from idemtask.cli import main
+
+    store = RedisStore.from_url(redis_url)
+    guard, call = Guard(store), new_call()
+    with guard.holding(begin(guard, call), CODEC):
+        idemtask.step("charge-card", lambda: {"charge": "ch_1"})
+    out = CliRunner().invoke(main, ["--redis", redis_url, "inspect", call.key]).output
+    assert 'step:         charge-card = {"charge":"ch_1"} (17 bytes)' in out
+    as_json = CliRunner().invoke(main, ["--redis", redis_url, "inspect", call.key, "--json"])
+    assert '"charge-card": "{\\"charge\\":\\"ch_1\\"}"' in as_json.output
+    assert store.forget(call.key)
+    assert store.client.keys("*") == []  # the steps lived in the record and went with it
