@@ -286,3 +286,26 @@ def test_inspect_shows_the_steps_and_forget_removes_them(redis_url: str) -> None
     assert '"charge-card": "{\\"charge\\":\\"ch_1\\"}"' in as_json.output
     assert store.forget(call.key)
     assert store.client.keys("*") == []  # the steps lived in the record and went with it
+
+
+def test_a_step_whose_record_never_lands_raises_store_unavailable(
+    fresh_redis: Callable[..., Any],
+) -> None:
+    """The effect happened but is not recorded: the body stops there, so at most this one
+    step can run again, and the name is free for the retry."""
+    server = fresh_redis(appendonly=True)  # the record survives the restart
+    store = RedisStore.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    guard, call, effects = Guard(store), new_call(), Effects()
+    attempt = begin(guard, call)
+    with guard.holding(attempt, CODEC):
+        idemtask.step("reserve", effects.effect("reserve"))
+        server.stop()
+        with pytest.raises(idemtask.StoreUnavailable, match=r"'charge' of key .* not be recorded"):
+            idemtask.step("charge", effects.effect("charge"))
+    server.start()  # the body stopped there; its lease ends
+    time.sleep(FAST.lease + 0.1)
+    successor = begin(Guard(store), call)
+    with guard.holding(successor, CODEC):
+        assert idemtask.step("reserve", effects.effect("reserve")) == {"step": "reserve", "n": 1}
+        idemtask.step("charge", effects.effect("charge"))
+    assert effects.done == {"reserve": 1, "charge": 2}  # only the unrecorded step repeated
