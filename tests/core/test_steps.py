@@ -309,3 +309,22 @@ def test_a_step_whose_record_never_lands_raises_store_unavailable(
         assert idemtask.step("reserve", effects.effect("reserve")) == {"step": "reserve", "n": 1}
         idemtask.step("charge", effects.effect("charge"))
     assert effects.done == {"reserve": 1, "charge": 2}  # only the unrecorded step repeated
+
+
+def test_steps_work_under_the_least_privilege_acl(fresh_redis: Callable[..., Any]) -> None:
+    """The step scripts call nothing the store user's ACL (``idemtask.store.acl``) denies."""
+    from idemtask.store.acl import acl_rules
+
+    server = fresh_redis()
+    admin = server.client()
+    admin.execute_command("ACL", "SETUSER", "steps", "on", ">steps-pw", *acl_rules().split())
+    admin.close()
+    store = RedisStore.from_url(f"redis://steps:steps-pw@127.0.0.1:{server.port}/0")
+    guard, call, effects = Guard(store), new_call(), Effects()
+    crashed_attempt(guard, call, effects, ["reserve"])
+    time.sleep(FAST.lease + 0.1)
+    with guard.holding(begin(guard, call), CODEC):  # token 2: reads the recorded steps
+        idemtask.step("reserve", effects.effect("reserve"))
+        idemtask.step("charge", effects.effect("charge"))
+    assert effects.done == {"reserve": 1, "charge": 1}
+    store.client.close()
