@@ -17,7 +17,7 @@ from typing import Any
 from benchmarks.common import load_average, machine, servers
 from benchmarks.report import render
 
-SECTIONS = ("keys", "enqueue", "execute", "commands", "memory", "celery", "dramatiq")
+SECTIONS = ("keys", "enqueue", "execute", "steps", "commands", "memory", "celery", "dramatiq")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Sizes:
     dramatiq_rounds: int = 5
     enqueue_calls: int = 2000
     execute_calls: int = 1000
+    step_calls: int = 1000
     command_tasks: int = 200
     memory_records: int = 100_000
     key_loops: int = 2000
@@ -41,6 +42,7 @@ QUICK = Sizes(
     dramatiq_rounds=3,
     enqueue_calls=300,
     execute_calls=200,
+    step_calls=200,
     command_tasks=20,
     memory_records=10_000,
     key_loops=500,
@@ -49,7 +51,7 @@ QUICK = Sizes(
 
 def run(sizes: Sizes, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     """Every requested section; the return value is what the JSON file holds."""
-    from benchmarks import celery_e2e, commands, dramatiq_e2e, memory, percall
+    from benchmarks import celery_e2e, commands, dramatiq_e2e, memory, percall, steps
 
     results: dict[str, Any] = {"machine": machine(), "sizes": asdict(sizes)}
 
@@ -70,6 +72,8 @@ def run(sizes: Sizes, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
             results["enqueue"] = percall.bench_enqueue(found, sizes.enqueue_calls)
         if step("execute"):
             results["execute"] = percall.bench_execute(found, sizes.execute_calls)
+        if step("steps"):
+            results["steps"] = steps.bench_steps(found, sizes.step_calls)
         if step("celery"):
             results["celery"] = celery_e2e.bench_celery(
                 found, sizes.celery_calls, sizes.celery_rounds

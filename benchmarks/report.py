@@ -162,6 +162,19 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 None,
             )
         )
+    steps = results.get("steps")
+    if steps:
+        sent = {name: counted["sent_per_task"] for name, counted in steps["commands"].items()}
+        out.append(
+            Row(
+                "guarded body with one idemtask.step / plain guarded body (µs p50 "
+                f"{steps['one step']['p50_us']:.0f} / {steps['plain body']['p50_us']:.0f}; "
+                f"store commands per task {sent['one step']:.0f} / {sent['plain body']:.0f})",
+                f"{steps['one_step_ratio']:.2f}",
+                "",
+                None,
+            )
+        )
     commands = results.get("commands")
     if commands:
         limits = {

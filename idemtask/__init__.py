@@ -15,6 +15,7 @@ from idemtask.errors import (
     StoreUnavailable,
     TaskFailedError,
 )
+from idemtask.steps import DuplicateStepError, Step, StepValueError, step
 from idemtask.store.base import Record
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ def forget(key: str) -> bool:
 __all__ = [
     "AlreadyRunningError",
     "ConfigurationError",
+    "DuplicateStepError",
     "DuplicateTaskError",
     "Execution",
     "IdempotencyConflict",
@@ -45,10 +47,13 @@ __all__ = [
     "LeaseLostError",
     "PoisonMessageError",
     "Record",
+    "Step",
+    "StepValueError",
     "StoreUnavailable",
     "TaskFailedError",
     "__version__",
     "current",
     "forget",
     "inspect",
+    "step",
 ]

@@ -141,6 +141,8 @@ def _record_lines(record: Record) -> Iterator[str]:
         yield f"result:       {preview} ({len(record.result.data)} bytes)"
     elif record.state is State.DONE:
         yield "result:       (not stored)"
+    for name, data in record.steps.items():
+        yield f"step:         {name} = {data[:200].decode(errors='replace')} ({len(data)} bytes)"
     if record.error:
         yield f"error:        {record.error}"
     yield f"created:      {_time(record.created_ms)}"
@@ -176,6 +178,7 @@ def _record_dict(record: Record) -> dict[str, Any]:
         "lease_until_ms": record.lease_until_ms,
         "deliveries": record.deliveries,
         "has_result": record.result is not None,
+        "steps": {name: data[:200].decode(errors="replace") for name, data in record.steps.items()},
         "error": record.error,
         "created_ms": record.created_ms,
         "updated_ms": record.updated_ms,

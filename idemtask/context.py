@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextvars
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from idemtask.steps import StepLog
 
 
 @dataclass(slots=True)
@@ -19,6 +23,8 @@ class Execution:
     fencing_token: int
     takeover: bool
     _lost: threading.Event = field(default_factory=threading.Event, repr=False)
+    #: The attempt's steps (``idemtask.step``); None when nothing records them (unguarded).
+    steps: StepLog | None = field(default=None, repr=False)
 
     @property
     def lease_lost(self) -> bool:
@@ -40,6 +46,11 @@ def current() -> Execution:
     if execution is None:
         raise LookupError("idemtask.current() called outside an idempotent task body")
     return execution
+
+
+def running() -> Execution | None:
+    """The running body's execution, or None outside one."""
+    return _current.get()
 
 
 def activate(execution: Execution | None) -> contextvars.Token[Execution | None]:

@@ -12,6 +12,7 @@ leases or calls the store for a task.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from idemtask import context
-from idemtask.codecs import Codec
+from idemtask.codecs import Codec, JsonCodec
 from idemtask.errors import (
     AlreadyRunningError,
     DuplicateTaskError,
@@ -35,6 +36,7 @@ from idemtask.events import Decision, emit
 from idemtask.identity import Call
 from idemtask.lease import LeaseKeeper
 from idemtask.policy import Policy
+from idemtask.steps import StepLog
 from idemtask.store.base import Lease, Outcome, State, Status, Store, StoredResult
 
 __all__ = [
@@ -413,13 +415,22 @@ class Guard:
         return Attempt(call, policy, task_id, attempt_id, token, False)
 
     @contextlib.contextmanager
-    def holding(self, attempt: Attempt) -> Iterator[context.Execution]:
-        """Run the body inside this: renews the lease and sets ``idemtask.current()``."""
+    def holding(self, attempt: Attempt, codec: Codec | None = None) -> Iterator[context.Execution]:
+        """Run the body inside this: renews the lease and sets ``idemtask.current()``.
+
+        ``codec`` (the one results use) encodes the body's steps (``idemtask.step``)."""
         if attempt.guarded:
             lease = Lease(
                 attempt.call.key, attempt.attempt_id, attempt.token, attempt.policy.lease_ms
             )
             self.leases.hold(lease, lambda: self._lost(attempt))
+            attempt.execution.steps = StepLog(
+                self.store,
+                attempt.execution,
+                codec or JsonCodec(),
+                attempt.policy.max_result_bytes,
+                functools.partial(self._with_store_retries, attempt),
+            )
         token = context.activate(attempt.execution)
         try:
             yield attempt.execution
@@ -597,7 +608,9 @@ class Delivery:
     def _decided(self) -> Attempt | Replay:
         if self.resumes is not None:
             attempt_id, token = self.resumes
-            return self._guard.resume(self.policy, self.call, self.task_id, attempt_id, token)
+            resumed = self._guard.resume(self.policy, self.call, self.task_id, attempt_id, token)
+            if resumed is not None:
+                return resumed
         return self._guard.begin(self.policy, self.call, self.task_id, follows=self.follows)
 
     def run(self, body: Callable[[], Any]) -> Any:
@@ -606,7 +619,7 @@ class Delivery:
         if isinstance(decision, Replay):
             return decision.value(self.codec)
         self.ran = True
-        with self._guard.holding(decision):
+        with self._guard.holding(decision, self.codec):
             try:
                 value = body()
             except (Deferred, Dropped) as exc:

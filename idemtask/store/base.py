@@ -8,8 +8,8 @@ operation (a Lua script on Redis), so two workers never both believe they hold a
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 #: The record's hash fields in Redis (``{prefix}:{<key>}``), for readers of the Lua scripts,
@@ -29,6 +29,8 @@ RECORD_FIELDS: dict[str, str] = {
     "c": "created at",
     "u": "updated at (every transition but renew)",
     "g": "the result TTL (ms) the record outlives its lease by: set by acquire, read by renew",
+    "p:": "p:<name>: the encoded value of the body's step <name> (idemtask.step), written by "
+    "the holder; in the record's own hash, so its TTL covers it and forget removes it",
 }
 
 #: What each script answers (a Lua table is a Redis array); ``redis.py`` turns it into an
@@ -65,6 +67,16 @@ SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
         "{'released', task_id}",
         "{'stale', task_id or '', state or ''}",
     ),
+    "step": (
+        "ARGV: attempt_id, token, name, value",
+        "{'recorded', task_id}",
+        "{'stale', task_id or '', state or ''}",
+    ),
+    "steps": (
+        "ARGV: attempt_id, token",
+        "{'held', task_id, name, value, name, value, ...}",
+        "{'stale', task_id or '', state or ''}",
+    ),
 }
 
 
@@ -91,7 +103,9 @@ class Status(str, enum.Enum):
     POISONED = "poisoned"  # acquire: too many deliveries ended without a report; now failed
     COMPLETED = "completed"  # complete: the result is recorded
     RELEASED = "released"  # release / cancel: the record is idle (or failed) again
-    STALE = "stale"  # renew/complete/release/cancel: the caller no longer holds it
+    STALE = "stale"  # renew/complete/release/cancel/steps: the caller no longer holds it
+    RECORDED = "recorded"  # record_step: the step's value is recorded
+    HELD = "held"  # recorded_steps: the caller holds the lease; ``steps`` are recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +128,7 @@ class Outcome:
     deliveries: int = 0
     result: StoredResult | None = None
     error: str = ""
+    steps: Mapping[str, bytes] = field(default_factory=dict)  # recorded_steps: name -> value
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +159,7 @@ class Record:
     created_ms: int
     updated_ms: int
     ttl_ms: int
+    steps: Mapping[str, bytes] = field(default_factory=dict)  # step name -> encoded value
 
 
 @runtime_checkable
@@ -213,6 +229,16 @@ class Store(Protocol):
         ttl_ms: int,
     ) -> Outcome:
         """Give the key back: ``idle`` for another try, or ``failed`` when ``terminal``."""
+        ...
+
+    def record_step(
+        self, key: str, *, attempt_id: str, token: int, name: str, value: bytes
+    ) -> Outcome:
+        """The holder records a step's value under the key (RECORDED); anyone else: STALE."""
+        ...
+
+    def recorded_steps(self, key: str, *, attempt_id: str, token: int) -> Outcome:
+        """HELD with the steps recorded so far (``Outcome.steps``), or STALE."""
         ...
 
     def inspect(self, key: str) -> Record | None:

@@ -12,7 +12,7 @@ import heapq
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from idemtask.store.base import Lease, Outcome, Record, State, Status, StoredResult
 
@@ -34,6 +34,7 @@ class _Row:
     expires_ms: int
     grace_ms: int = 0  # the result TTL the record outlives a lease by ('g' in Redis)
     swept_at_ms: int = 0  # the earliest deadline the sweep heap holds for this row
+    steps: dict[str, bytes] = field(default_factory=dict)  # 'p:<name>' fields in Redis
 
     def keep_ttl(self, now: int, ttl_ms: int) -> None:
         """A record still in play lives at least ``ttl_ms`` more, never less than before."""
@@ -326,6 +327,33 @@ class MemoryStore:
     def ping(self) -> None:
         return None
 
+    def record_step(
+        self, key: str, *, attempt_id: str, token: int, name: str, value: bytes
+    ) -> Outcome:
+        with self._lock:
+            now = self._now()
+            row = self._held(key, attempt_id, token, now)
+            if row is None:
+                return self._stale(key, now)
+            row.steps[name] = bytes(value)
+            return Outcome(Status.RECORDED, task_id=row.task_id, state=row.state)
+
+    def recorded_steps(self, key: str, *, attempt_id: str, token: int) -> Outcome:
+        with self._lock:
+            now = self._now()
+            row = self._held(key, attempt_id, token, now)
+            if row is None:
+                return self._stale(key, now)
+            return Outcome(Status.HELD, task_id=row.task_id, state=row.state, steps=dict(row.steps))
+
+    def _stale(self, key: str, now: int) -> Outcome:
+        current = self._live(key, now)
+        return Outcome(
+            Status.STALE,
+            task_id=current.task_id if current else "",
+            state=current.state if current else None,
+        )
+
 
 def _blank(now: int) -> _Row:
     return _Row(State.IDLE, "", "", "", 0, 0, "", 0, None, "", now, now, 0)
@@ -347,4 +375,5 @@ def _record(key: str, row: _Row, now: int) -> Record:
         created_ms=row.created_ms,
         updated_ms=row.updated_ms,
         ttl_ms=row.expires_ms - now,
+        steps=dict(row.steps),
     )

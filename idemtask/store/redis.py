@@ -29,7 +29,7 @@ from idemtask.store.failures import FAILURES, TOPOLOGY, classify, client_secrets
 
 T = TypeVar("T")
 
-_OPERATIONS = ("reserve", "cancel", "acquire", "renew", "complete", "release")
+_OPERATIONS = ("reserve", "cancel", "acquire", "renew", "complete", "release", "step", "steps")
 _REDIRECT_RETRIES = 3
 
 logger = logging.getLogger("idemtask.store")
@@ -482,6 +482,26 @@ class RedisStore:
         raised, comes out as a ``StoreUnavailable`` (see ``idemtask.store.failures``)."""
         return guarded(op, self._secrets)
 
+    # -- steps (idemtask.step) -----------------------------------------------------------
+
+    def record_step(
+        self, key: str, *, attempt_id: str, token: int, name: str, value: bytes
+    ) -> Outcome:
+        reply = self._call("step", key, attempt_id, token, name, value)
+        status = Status(_text(reply[0]))
+        if status is Status.RECORDED:
+            return Outcome(status, task_id=_text(reply[1]), state=State.RUNNING)
+        return Outcome(status, task_id=_text(reply[1]), state=_state(reply[2]))
+
+    def recorded_steps(self, key: str, *, attempt_id: str, token: int) -> Outcome:
+        reply = self._call("steps", key, attempt_id, token)
+        status = Status(_text(reply[0]))
+        if status is not Status.HELD:
+            return Outcome(status, task_id=_text(reply[1]), state=_state(reply[2]))
+        pairs = reply[2:]
+        steps = {_text(pairs[i]): _bytes(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+        return Outcome(status, task_id=_text(reply[1]), state=State.RUNNING, steps=steps)
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -522,4 +542,14 @@ def _record(key: str, raw: dict[Any, Any], ttl_ms: int) -> Record:
         created_ms=number("c"),
         updated_ms=number("u"),
         ttl_ms=ttl_ms,
+        steps=_steps(fields),
     )
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else _text(value).encode()
+
+
+def _steps(fields: dict[str, Any]) -> dict[str, bytes]:
+    """The ``p:<name>`` fields of a record: its steps' encoded values."""
+    return {name[2:]: _bytes(value) for name, value in fields.items() if name[:2] == "p:"}

@@ -26,6 +26,7 @@ TINY = Sizes(
     dramatiq_rounds=1,
     enqueue_calls=20,
     execute_calls=20,
+    step_calls=20,
     command_tasks=10,
     memory_records=500,
     key_loops=20,
@@ -62,6 +63,11 @@ def test_every_section_runs_and_the_command_counts_hold() -> None:
     assert dramatiq["IdempotencyMiddleware, unique keys"]["store_commands_sent"] == {
         "evalsha": 3 * TINY.dramatiq_calls
     }
+
+    # One step costs one more EVALSHA (its record; token 1 reads nothing) than a plain body.
+    steps = results["steps"]["commands"]
+    assert steps["plain body"]["sent"] == {"evalsha": 2 * TINY.step_calls}
+    assert steps["one step"]["sent"] == {"evalsha": 3 * TINY.step_calls}
 
     memory = results["memory"]
     assert memory["bulk_sample_memory_usage"] == [memory["memory_usage_one_record"]]

@@ -377,3 +377,72 @@ def test_sixteen_threads_one_key_exactly_one_acquires(store: Store) -> None:
         statuses = _contend_once(store, new_key(), 16)
         assert statuses.count(Status.ACQUIRED) == 1
         assert statuses.count(Status.BUSY) == 15
+
+
+# -- steps (idemtask.step) -----------------------------------------------------------------
+
+
+def record_step(store: Store, key: str, attempt: str, token: int, name: str, data: bytes) -> Status:
+    return store.record_step(key, attempt_id=attempt, token=token, name=name, value=data).status
+
+
+def test_only_the_holder_records_and_reads_steps(store: Store) -> None:
+    key = new_key()
+    held = acquire(store, key, "a1")
+    assert record_step(store, key, "a1", held.token, "reserve", b'{"n":1}') is Status.RECORDED
+    assert record_step(store, key, "a1", held.token, "empty", b"") is Status.RECORDED
+    assert record_step(store, key, "a2", held.token, "x", b"1") is Status.STALE  # other attempt
+    assert record_step(store, key, "a1", held.token + 1, "x", b"1") is Status.STALE  # token
+    read = store.recorded_steps(key, attempt_id="a1", token=held.token)
+    assert read.status is Status.HELD
+    assert dict(read.steps) == {"reserve": b'{"n":1}', "empty": b""}
+    stale = store.recorded_steps(key, attempt_id="a2", token=held.token)
+    assert stale.status is Status.STALE and stale.state is State.RUNNING and not stale.steps
+
+
+def test_a_takeover_reads_the_steps_and_fences_the_old_holder(store: Store) -> None:
+    key = new_key()
+    first = acquire(store, key, "a1")
+    assert record_step(store, key, "a1", first.token, "charge", b"\x00\xffch") is Status.RECORDED
+    expire_lease()
+    second = acquire(store, key, "a2")
+    assert second.takeover and second.token == first.token + 1
+    assert record_step(store, key, "a1", first.token, "ship", b"late") is Status.STALE
+    read = store.recorded_steps(key, attempt_id="a2", token=second.token)
+    assert dict(read.steps) == {"charge": b"\x00\xffch"}  # the stale write left nothing
+    assert store.recorded_steps(key, attempt_id="a1", token=first.token).status is Status.STALE
+
+
+def test_steps_outlive_a_release_for_another_try(store: Store) -> None:
+    key = new_key()
+    first = acquire(store, key, "a1")
+    record_step(store, key, "a1", first.token, "one", b"1")
+    assert release(store, key, "a1", first.token).status is Status.RELEASED
+    assert record_step(store, key, "a1", first.token, "two", b"2") is Status.STALE  # idle now
+    retry = acquire(store, key, "a2")
+    read = store.recorded_steps(key, attempt_id="a2", token=retry.token)
+    assert dict(read.steps) == {"one": b"1"}
+
+
+def test_steps_are_inspected_with_the_record_and_forgotten_with_it(store: Store) -> None:
+    key = new_key()
+    held = acquire(store, key, "a1")
+    record_step(store, key, "a1", held.token, "p:odd:name", b"[1]")
+    record = store.inspect(key)
+    assert record is not None and dict(record.steps) == {"p:odd:name": b"[1]"}
+    assert complete(store, key, "a1", held.token, b"7").status is Status.COMPLETED
+    assert record_step(store, key, "a1", held.token, "after", b"1") is Status.STALE  # done
+    done = store.inspect(key)
+    assert done is not None and dict(done.steps) == {"p:odd:name": b"[1]"}
+    assert done.result is not None and done.result.data == b"7"
+    assert store.forget(key)
+    again = acquire(store, key, "a2")
+    assert again.token == 1  # a new record: it cannot see the old one's steps
+    assert not store.recorded_steps(key, attempt_id="a2", token=1).steps
+
+
+def test_steps_of_an_absent_record_are_stale(store: Store) -> None:
+    key = new_key()
+    assert record_step(store, key, "a1", 1, "x", b"1") is Status.STALE
+    assert store.recorded_steps(key, attempt_id="a1", token=1).status is Status.STALE
+    assert store.inspect(key) is None  # a stale write creates nothing

@@ -598,4 +598,5 @@ def test_the_scripts_keep_to_the_documented_record() -> None:
     for name, source in scripts.items():
         code = re.sub(r"--[^\n]*", "", source)
         used = set(re.findall(r"'([a-z])'", code))  # a one-letter string is a hash field
+        used |= set(re.findall(r"'([a-z]:)'", code))  # a field prefix: 'p:' .. name
         assert used <= set(RECORD_FIELDS), (name, used - set(RECORD_FIELDS))
