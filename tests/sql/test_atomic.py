@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Column, Engine, Integer, MetaData, Table, Text, create_engine, func, select
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session
 
 from idemtask import context
-from idemtask.context import Execution
 from idemtask.sql import StaleToken, atomic, metadata
 
-user_md = MetaData()
-payments = Table("payments", user_md, Column("id", Integer, primary_key=True), Column("ref", Text))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
-    else:
-        eng = create_engine(request.getfixturevalue("postgres_url"))
-    metadata.drop_all(eng)
-    user_md.drop_all(eng)
-    metadata.create_all(eng)
-    user_md.create_all(eng)
-    yield eng
-    eng.dispose()
-
-
-def as_attempt(token: int, key: str = "k1") -> Execution:
-    return Execution(key, "shop.pay", "t", f"a{token}", token, takeover=token > 1)
+from sql_support import as_attempt, count, payments, user_md
 
 
 def pay(engine: Engine, token: int, fail: bool = False) -> object:
@@ -48,11 +27,6 @@ def pay(engine: Engine, token: int, fail: bool = False) -> object:
         return effect.value
     finally:
         context.deactivate(ctx)
-
-
-def count(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(conn.execute(select(func.count()).select_from(payments)).scalar_one())
 
 
 def test_first_attempt_writes_row_and_effect(engine: Engine) -> None:
