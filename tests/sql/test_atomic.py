@@ -9,7 +9,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session
 
 from idemtask import context
-from idemtask.sql import StaleToken, atomic, metadata
+from idemtask.sql import StaleToken, atomic, metadata, run
 
 from sql_support import as_attempt, count, payments, user_md
 
@@ -106,3 +106,22 @@ def test_concurrent_stale_and_new_attempt_on_postgres(postgres_url: str, first: 
     assert outcome[other] == (("replay", 1) if first == 1 else ("stale", None))
     assert count(eng) == 1
     eng.dispose()
+
+
+def test_run_calls_the_body_once_per_key(engine: Engine) -> None:
+    calls: list[int] = []
+
+    def body(session: Session) -> int:
+        calls.append(1)
+        session.execute(payments.insert().values(ref="run"))
+        return 42
+
+    for token in (1, 2):
+        ctx = context.activate(as_attempt(token))
+        try:
+            with Session(engine) as session:
+                assert run(session, body) == 42
+        finally:
+            context.deactivate(ctx)
+    assert calls == [1]
+    assert count(engine) == 1
