@@ -50,6 +50,17 @@ class Report:
     unexplained_repeats: list[str] = field(default_factory=list)
     stale_fenced_writes_accepted: list[str] = field(default_factory=list)
     fenced_rejected: int = 0
+    leases_lost: int = 0
+    store_unavailable: int = 0
+    #: A key's attempt got a fencing token not above one already handed out for that key.
+    token_regressions: list[str] = field(default_factory=list)
+    #: Acquisitions recorded late because their process was frozen (SIGSTOP) between the
+    #: store's reply and the ledger write: their token looks lower, but was handed out earlier.
+    tokens_recorded_after_a_stop: int = 0
+    deliveries_acked: int = 0
+    #: Deliveries acked although they neither ran the body, nor replayed the stored result,
+    #: nor published a copy of the message (a deferral or a retry): their message is gone.
+    acked_without_run: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -71,6 +82,12 @@ class Report:
             "repeated effects not explained by a crash": len(self.unexplained_repeats),
             "stale fenced writes accepted": len(self.stale_fenced_writes_accepted),
             "fenced writes rejected": self.fenced_rejected,
+            "leases lost": self.leases_lost,
+            "store unavailable decisions": self.store_unavailable,
+            "token regressions": len(self.token_regressions),
+            "tokens recorded after a stop": self.tokens_recorded_after_a_stop,
+            "deliveries acked": self.deliveries_acked,
+            "deliveries acked without a run or a replay": len(self.acked_without_run),
         }
 
 
@@ -189,7 +206,85 @@ def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
         if entry.token <= highest.get(entry.key, 0):
             report.stale_fenced_writes_accepted.append(f"{entry.key}: token {entry.token}")
         highest[entry.key] = max(entry.token, highest.get(entry.key, 0))
+    report.leases_lost = len(by_kind["lease_lost"])
+    report.store_unavailable = len(by_kind["store_unavailable"])
+    _check_tokens(report, by_kind)
+    _check_acks(report, entries)
     return report
+
+
+#: What a delivery may have done for its ack to lose nothing.
+_SETTLING = frozenset({"start", "replayed", "republished"})
+
+
+def _check_acks(report: Report, entries: Sequence[Entry]) -> None:
+    """Every acked delivery ran the body, replayed the stored result or published a copy of
+    its message (a deferral, a retry): otherwise the ack dropped the message unprocessed."""
+    deliveries: dict[str, list[Entry]] = defaultdict(list)
+    for entry in entries:
+        if entry.delivery:
+            deliveries[entry.delivery].append(entry)
+    for delivery, own in sorted(deliveries.items()):
+        kinds = {e.kind for e in own}
+        if "acked" not in kinds:
+            continue
+        report.deliveries_acked += 1
+        if kinds & _SETTLING:
+            continue
+        first = min(own, key=lambda e: e.at)
+        did = ", ".join(sorted(kinds - {"delivered", "acked"})) or "nothing"
+        report.acked_without_run.append(
+            f"{first.key or first.attempt}: delivery {delivery} of message {first.task_id} "
+            f"(pid {first.pid}) acked after {did}"
+        )
+
+
+def _check_tokens(report: Report, by_kind: dict[str, list[Entry]]) -> None:
+    """Tokens of one key strictly increase from one acquisition to the next.
+
+    An acquisition is an ``acquired`` or ``takeover`` entry, or a body ``start`` whose token
+    no such entry carries (its process died before the decision reached the ledger).
+    """
+    acquisitions: dict[str, list[Entry]] = defaultdict(list)
+    for entry in by_kind["acquired"] + by_kind["takeover"]:
+        acquisitions[entry.key].append(entry)
+    decided = {(e.key, e.token) for e in by_kind["acquired"] + by_kind["takeover"]}
+    for entry in by_kind["start"]:
+        if (entry.key, entry.token) not in decided:
+            decided.add((entry.key, entry.token))
+            acquisitions[entry.key].append(entry)
+    stops = _stop_windows(by_kind)
+    for key, own in acquisitions.items():
+        top: Entry | None = None
+        for entry in sorted(own, key=lambda e: e.at):
+            if entry.token <= 0:  # an unguarded run (on_store_error="run") has no token
+                continue
+            if top is not None and entry.token <= top.token:
+                if _frozen_between(stops.get(entry.pid, []), top.at, entry.at):
+                    report.tokens_recorded_after_a_stop += 1
+                    continue
+                report.token_regressions.append(
+                    f"{key}: token {entry.token} (pid {entry.pid}) acquired "
+                    f"{entry.at - top.at:.3f}s after token {top.token} (pid {top.pid})"
+                )
+            if top is None or entry.token > top.token:
+                top = entry
+
+
+def _stop_windows(by_kind: dict[str, list[Entry]]) -> dict[int, list[tuple[float, float]]]:
+    """When each process was frozen: (stopped at, continued at) pairs."""
+    windows: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    continued = sorted(by_kind["continued"], key=lambda e: e.at)
+    for stop in by_kind["stopped"]:
+        after = [c.at for c in continued if c.pid == stop.pid and c.at >= stop.at]
+        windows[stop.pid].append((stop.at, after[0] if after else float("inf")))
+    return windows
+
+
+def _frozen_between(windows: list[tuple[float, float]], before: float, seen: float) -> bool:
+    """A stop began before ``before`` and ended before ``seen``: an entry seen after it may
+    describe something that happened before the stop."""
+    return any(stopped < before and resumed <= seen for stopped, resumed in windows)
 
 
 def _completed_by(completions: list[Entry], replays: list[Entry]) -> tuple[float, float]:
@@ -233,6 +328,18 @@ def assert_no_overlap(entries: Sequence[Entry]) -> None:
 def assert_no_run_after_completion(entries: Sequence[Entry]) -> None:
     """No body started after a completion of its key was recorded."""
     _fail("runs after completion", analyse(entries).runs_after_completion)
+
+
+def assert_tokens_increase(entries: Sequence[Entry]) -> None:
+    """Fencing tokens of one key strictly increase across its attempts: a downstream system
+    that keeps the highest token per key can always refuse the stale holder."""
+    _fail("fencing token regressions", analyse(entries).token_regressions)
+
+
+def assert_no_ack_without_run(entries: Sequence[Entry]) -> None:
+    """No delivery was acked without running the body, replaying the stored result or
+    publishing a copy of its message (needs ``begin_delivery``/``settled`` entries)."""
+    _fail("deliveries acked without a run or a replay", analyse(entries).acked_without_run)
 
 
 def assert_single_effect(entries: Sequence[Entry], *, fenced: bool = False) -> None:
