@@ -215,6 +215,8 @@ def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
 
 #: What a delivery may have done for its ack to lose nothing.
 _SETTLING = frozenset({"start", "replayed", "republished"})
+#: How a worker removes a message from its queue: an ack, or a nack (to a dead-letter queue).
+_REMOVED = frozenset({"acked", "nacked"})
 
 
 def _check_acks(report: Report, entries: Sequence[Entry]) -> None:
@@ -226,16 +228,16 @@ def _check_acks(report: Report, entries: Sequence[Entry]) -> None:
             deliveries[entry.delivery].append(entry)
     for delivery, own in sorted(deliveries.items()):
         kinds = {e.kind for e in own}
-        if "acked" not in kinds:
+        if not kinds & _REMOVED:
             continue
         report.deliveries_acked += 1
         if kinds & _SETTLING:
             continue
         first = min(own, key=lambda e: e.at)
-        did = ", ".join(sorted(kinds - {"delivered", "acked"})) or "nothing"
+        did = ", ".join(sorted(kinds - {"delivered"} - _REMOVED)) or "nothing"
         report.acked_without_run.append(
             f"{first.key or first.attempt}: delivery {delivery} of message {first.task_id} "
-            f"(pid {first.pid}) acked after {did}"
+            f"(pid {first.pid}) {'/'.join(sorted(kinds & _REMOVED))} after {did}"
         )
 
 
