@@ -136,10 +136,10 @@ class ErrorReplies:
             raise RuntimeError("the readonly fault needs a refusing_master")
         self._undo["readonly"] = {}
         host, port = self.refusing_master
-        self.client.execute_command("REPLICAOF", host, str(port))
+        self.client.replicaof(host, port)
 
     def _end_readonly(self, saved: dict[str, str]) -> None:
-        self.client.execute_command("REPLICAOF", "NO", "ONE")
+        self.client.replicaof("NO", "ONE")
 
     def _begin_misconf(self) -> None:
         self._saved("misconf", "dir", "save", "stop-writes-on-bgsave-error")
