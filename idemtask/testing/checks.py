@@ -6,6 +6,7 @@ figures (for reports) without asserting.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -58,9 +59,16 @@ class Report:
     #: store's reply and the ledger write: their token looks lower, but was handed out earlier.
     tokens_recorded_after_a_stop: int = 0
     deliveries_acked: int = 0
+    #: Keys that were delivered again after their record ended (``result_ttl`` after the
+    #: completion) and are checked as new keys from there on.
+    records_ended: int = 0
     #: Deliveries acked although they neither ran the body, nor replayed the stored result,
     #: nor published a copy of the message (a deferral or a retry): their message is gone.
     acked_without_run: list[str] = field(default_factory=list)
+    #: Deliveries acked after a body run whose completion never reached the store (nor was
+    #: rejected as stale): the work was done, but the record does not say so, and another
+    #: copy of the key runs it again. Not lost; the price of an unrecorded completion.
+    acked_unrecorded: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -87,7 +95,9 @@ class Report:
             "token regressions": len(self.token_regressions),
             "tokens recorded after a stop": self.tokens_recorded_after_a_stop,
             "deliveries acked": self.deliveries_acked,
+            "records ended, then run again": self.records_ended,
             "deliveries acked without a run or a replay": len(self.acked_without_run),
+            "deliveries acked with their completion unrecorded": self.acked_unrecorded,
         }
 
 
@@ -111,10 +121,20 @@ def _attempts(entries: Sequence[Entry]) -> dict[str, list[_Attempt]]:
     return runs
 
 
-def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
+def analyse(
+    entries: Sequence[Entry], keys: Iterable[str] = (), *, result_ttl: float | None = None
+) -> Report:
     """Every figure and violation of the ledger; ``keys`` are the keys that must complete
-    (by default, every key the ledger mentions)."""
+    (by default, every key the ledger mentions).
+
+    With ``result_ttl`` (seconds), a key's record ends that long after its completion, as
+    documented: what happens to the key afterwards is checked as a new key (see
+    ``split_records``), so a run after the record ended, its token starting at 1 again and
+    its second completion are not violations.
+    """
     report = Report()
+    if result_ttl is not None:
+        entries, report.records_ended = split_records(entries, result_ttl)
     by_kind: dict[str, list[Entry]] = defaultdict(list)
     for entry in entries:
         by_kind[entry.kind].append(entry)
@@ -215,6 +235,8 @@ def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
 
 #: What a delivery may have done for its ack to lose nothing.
 _SETTLING = frozenset({"start", "replayed", "republished"})
+#: What says a body run's outcome reached the store (or that another attempt's did).
+_RECORDED = frozenset({"completed", "stale_completion", "released", "replayed", "republished"})
 #: How a worker removes a message from its queue: an ack, or a nack (to a dead-letter queue).
 _REMOVED = frozenset({"acked", "nacked"})
 
@@ -232,6 +254,8 @@ def _check_acks(report: Report, entries: Sequence[Entry]) -> None:
             continue
         report.deliveries_acked += 1
         if kinds & _SETTLING:
+            if "start" in kinds and not kinds & _RECORDED:
+                report.acked_unrecorded += 1
             continue
         first = min(own, key=lambda e: e.at)
         did = ", ".join(sorted(kinds - {"delivered"} - _REMOVED)) or "nothing"
@@ -287,6 +311,30 @@ def _frozen_between(windows: list[tuple[float, float]], before: float, seen: flo
     """A stop began before ``before`` and ended before ``seen``: an entry seen after it may
     describe something that happened before the stop."""
     return any(stopped < before and resumed <= seen for stopped, resumed in windows)
+
+
+#: How much earlier than its ledger entry a completion may have reached the store.
+TTL_SLACK = 0.25
+
+
+def split_records(entries: Sequence[Entry], result_ttl: float) -> tuple[list[Entry], int]:
+    """Entries of a key recorded more than ``result_ttl`` after its completion belong to a
+    new record of that key, renamed ``key@1``, ``key@2``...; also returns how many new
+    records there were. Only the first completion (or replay) of each record counts."""
+    done_at: dict[str, float] = {}
+    generation: dict[str, int] = defaultdict(int)
+    out = []
+    for entry in sorted(entries, key=lambda e: e.at):
+        key = entry.key
+        if key and key in done_at and entry.at > done_at[key] + result_ttl - TTL_SLACK:
+            del done_at[key]
+            generation[key] += 1
+        if key and entry.kind in ("completed", "replayed"):
+            done_at.setdefault(key, entry.at)
+        if key and generation[key]:
+            entry = dataclasses.replace(entry, key=f"{key}@{generation[key]}")
+        out.append(entry)
+    return out, sum(generation.values())
 
 
 def _completed_by(completions: list[Entry], replays: list[Entry]) -> tuple[float, float]:

@@ -126,6 +126,12 @@ def test_an_ack_after_a_run_a_replay_or_a_republish_is_fine() -> None:
     ]  # fmt: skip
     assert_no_ack_without_run(fine)
     assert analyse(fine).deliveries_acked == 3
+    # A body that ran but whose completion never reached the store is no loss (the work was
+    # done), but it is counted: another copy will run the key again.
+    unrecorded = [d("delivered", "d5", 4.0), d("start", "d5", 4.1), d("end", "d5", 4.2),
+                  d("store_unavailable", "d5", 4.3), d("acked", "d5", 4.4)]  # fmt: skip
+    assert_no_ack_without_run(unrecorded)
+    assert (analyse(fine).acked_unrecorded, analyse(unrecorded).acked_unrecorded) == (0, 1)
 
 
 def test_an_ack_without_a_run_or_a_replay_is_caught() -> None:
@@ -143,3 +149,21 @@ def test_an_ack_without_a_run_or_a_replay_is_caught() -> None:
     unpublished = [d("delivered", "d1", 0.0), d("deferred", "d1", 0.1), d("acked", "d1", 0.2)]
     with pytest.raises(AssertionError, match="1 deliveries acked"):
         assert_no_ack_without_run(unpublished)
+
+
+def test_what_follows_the_end_of_a_record_is_checked_as_a_new_key() -> None:
+    # Token 1 completed at 1.0; with a 5 s result_ttl the record ends at 6.0. A delivery at
+    # 8.0 acquires a fresh record (token 1 again), runs and completes: documented, no violation.
+    history = [e("acquired", "k", 1, 0.0), e("start", "k", 1, 0.1), e("end", "k", 1, 0.9),
+               e("completed", "k", 1, 1.0), e("replayed", "k", 0, 3.0, pid=2),
+               e("acquired", "k", 1, 8.0, pid=2), e("start", "k", 1, 8.1, pid=2),
+               e("end", "k", 1, 8.2, pid=2), e("completed", "k", 1, 8.3, pid=2)]  # fmt: skip
+    report = analyse(history, ["k"], result_ttl=5.0)
+    assert report.records_ended == 1
+    assert (report.runs_after_completion, report.token_regressions) == ([], [])
+    assert (report.double_completions, report.lost) == ([], [])
+    # Within the record's life the same history breaks three guarantees.
+    within = analyse(history, ["k"], result_ttl=60.0)
+    assert within.records_ended == 0
+    assert len(within.runs_after_completion) == len(within.token_regressions) == 1
+    assert within.double_completions == ["k"]
