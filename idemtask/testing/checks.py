@@ -52,6 +52,7 @@ class Report:
     stale_fenced_writes_accepted: list[str] = field(default_factory=list)
     fenced_rejected: int = 0
     leases_lost: int = 0
+    renewals: int = 0  # lease renewal round trips
     store_unavailable: int = 0
     #: A key's attempt got a fencing token not above one already handed out for that key.
     token_regressions: list[str] = field(default_factory=list)
@@ -90,6 +91,7 @@ class Report:
             "repeated effects not explained by a crash": len(self.unexplained_repeats),
             "stale fenced writes accepted": len(self.stale_fenced_writes_accepted),
             "fenced writes rejected": self.fenced_rejected,
+            "lease renewals": self.renewals,
             "leases lost": self.leases_lost,
             "store unavailable decisions": self.store_unavailable,
             "token regressions": len(self.token_regressions),
@@ -227,6 +229,7 @@ def analyse(
             report.stale_fenced_writes_accepted.append(f"{entry.key}: token {entry.token}")
         highest[entry.key] = max(entry.token, highest.get(entry.key, 0))
     report.leases_lost = len(by_kind["lease_lost"])
+    report.renewals = len(by_kind["renewed"])
     report.store_unavailable = len(by_kind["store_unavailable"])
     _check_tokens(report, by_kind)
     _check_acks(report, entries)

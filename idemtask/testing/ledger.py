@@ -35,6 +35,7 @@ _OBSERVED = {
     Decision.RELEASED,
     Decision.DROPPED,
     Decision.STORE_UNAVAILABLE,
+    Decision.RENEWED,  # one entry per renewal round trip (token: how many leases it renewed)
 }
 
 
@@ -166,7 +167,7 @@ class EffectLedger:
     def _on_event(self, event: Event) -> None:
         if event.decision not in _OBSERVED:
             return
-        token = event.fields.get("token", 0)
+        token = event.fields.get("leases" if event.decision is Decision.RENEWED else "token", 0)
         self.record(
             event.decision.value,
             key=event.key,

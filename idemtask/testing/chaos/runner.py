@@ -134,6 +134,12 @@ class Scenario:
         return self.latencies + self.drops + self.blackholes > 0
 
     @property
+    def hit_after(self) -> float:
+        """How long a body must have run to be killed or stopped: with bodies longer than
+        ``result_ttl``, only those past it, whose record lives on renewals alone."""
+        return self.result_ttl if self.long_bodies else 0.0
+
+    @property
     def special(self) -> workload.Special:
         return workload.Special(
             long=self.long_bodies,
@@ -304,16 +310,17 @@ class _Follower:
         elif kind == "ready":
             self.ready.add(entry.pid)
 
-    def in_body(self, pids: list[int]) -> list[int]:
+    def in_body(self, pids: list[int], ran: float = 0.0) -> list[int]:
         """Processes with a body that, by the plan, still has ``BODY_MARGIN`` to run: the
         ledger is read a little late, and a body about to end would make a kill or a stop
-        land after its completion instead of inside it."""
+        land after its completion instead of inside it. With ``ran``, only bodies that have
+        been running for longer than that count."""
         now = time.time()
         return [
             pid
             for pid in pids
             if any(
-                started + self.length.get(key, 0.0) - now > BODY_MARGIN
+                started + self.length.get(key, 0.0) - now > BODY_MARGIN and now - started > ran
                 for key, started in self.bodies.get(pid, {}).items()
             )
         ]
@@ -526,7 +533,7 @@ class ChaosRun:
             if fault == "kill_after_end":
                 found = self.follow.lingering(targets)
             else:
-                found = self.follow.in_body(targets)
+                found = self.follow.in_body(targets, self.scenario.hit_after)
             pid = self.faults.pick(sorted(found))
             if pid is None:
                 return False
