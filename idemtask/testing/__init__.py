@@ -11,10 +11,12 @@ from idemtask.testing.checks import (
     Report,
     analyse,
     assert_all_completed,
+    assert_no_ack_without_run,
     assert_no_overlap,
     assert_no_run_after_completion,
     assert_no_stale_completion,
     assert_single_effect,
+    assert_tokens_increase,
 )
 from idemtask.testing.faults import Faults, children
 from idemtask.testing.ledger import EffectLedger, Entry
@@ -26,9 +28,11 @@ __all__ = [
     "Report",
     "analyse",
     "assert_all_completed",
+    "assert_no_ack_without_run",
     "assert_no_overlap",
     "assert_no_run_after_completion",
     "assert_no_stale_completion",
     "assert_single_effect",
+    "assert_tokens_increase",
     "children",
 ]

@@ -6,6 +6,7 @@ figures (for reports) without asserting.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -50,6 +51,25 @@ class Report:
     unexplained_repeats: list[str] = field(default_factory=list)
     stale_fenced_writes_accepted: list[str] = field(default_factory=list)
     fenced_rejected: int = 0
+    leases_lost: int = 0
+    renewals: int = 0  # lease renewal round trips
+    store_unavailable: int = 0
+    #: A key's attempt got a fencing token not above one already handed out for that key.
+    token_regressions: list[str] = field(default_factory=list)
+    #: Acquisitions recorded late because their process was frozen (SIGSTOP) between the
+    #: store's reply and the ledger write: their token looks lower, but was handed out earlier.
+    tokens_recorded_after_a_stop: int = 0
+    deliveries_acked: int = 0
+    #: Keys that were delivered again after their record ended (``result_ttl`` after the
+    #: completion) and are checked as new keys from there on.
+    records_ended: int = 0
+    #: Deliveries acked although they neither ran the body, nor replayed the stored result,
+    #: nor published a copy of the message (a deferral or a retry): their message is gone.
+    acked_without_run: list[str] = field(default_factory=list)
+    #: Deliveries acked after a body run whose completion never reached the store (nor was
+    #: rejected as stale): the work was done, but the record does not say so, and another
+    #: copy of the key runs it again. Not lost; the price of an unrecorded completion.
+    acked_unrecorded: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -71,6 +91,15 @@ class Report:
             "repeated effects not explained by a crash": len(self.unexplained_repeats),
             "stale fenced writes accepted": len(self.stale_fenced_writes_accepted),
             "fenced writes rejected": self.fenced_rejected,
+            "lease renewals": self.renewals,
+            "leases lost": self.leases_lost,
+            "store unavailable decisions": self.store_unavailable,
+            "token regressions": len(self.token_regressions),
+            "tokens recorded after a stop": self.tokens_recorded_after_a_stop,
+            "deliveries acked": self.deliveries_acked,
+            "records ended, then run again": self.records_ended,
+            "deliveries acked without a run or a replay": len(self.acked_without_run),
+            "deliveries acked with their completion unrecorded": self.acked_unrecorded,
         }
 
 
@@ -94,10 +123,20 @@ def _attempts(entries: Sequence[Entry]) -> dict[str, list[_Attempt]]:
     return runs
 
 
-def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
+def analyse(
+    entries: Sequence[Entry], keys: Iterable[str] = (), *, result_ttl: float | None = None
+) -> Report:
     """Every figure and violation of the ledger; ``keys`` are the keys that must complete
-    (by default, every key the ledger mentions)."""
+    (by default, every key the ledger mentions).
+
+    With ``result_ttl`` (seconds), a key's record ends that long after its completion, as
+    documented: what happens to the key afterwards is checked as a new key (see
+    ``split_records``), so a run after the record ended, its token starting at 1 again and
+    its second completion are not violations.
+    """
     report = Report()
+    if result_ttl is not None:
+        entries, report.records_ended = split_records(entries, result_ttl)
     by_kind: dict[str, list[Entry]] = defaultdict(list)
     for entry in entries:
         by_kind[entry.kind].append(entry)
@@ -189,7 +228,116 @@ def analyse(entries: Sequence[Entry], keys: Iterable[str] = ()) -> Report:
         if entry.token <= highest.get(entry.key, 0):
             report.stale_fenced_writes_accepted.append(f"{entry.key}: token {entry.token}")
         highest[entry.key] = max(entry.token, highest.get(entry.key, 0))
+    report.leases_lost = len(by_kind["lease_lost"])
+    report.renewals = len(by_kind["renewed"])
+    report.store_unavailable = len(by_kind["store_unavailable"])
+    _check_tokens(report, by_kind)
+    _check_acks(report, entries)
     return report
+
+
+#: What a delivery may have done for its ack to lose nothing.
+_SETTLING = frozenset({"start", "replayed", "republished"})
+#: What says a body run's outcome reached the store (or that another attempt's did).
+_RECORDED = frozenset({"completed", "stale_completion", "released", "replayed", "republished"})
+#: How a worker removes a message from its queue: an ack, or a nack (to a dead-letter queue).
+_REMOVED = frozenset({"acked", "nacked"})
+
+
+def _check_acks(report: Report, entries: Sequence[Entry]) -> None:
+    """Every acked delivery ran the body, replayed the stored result or published a copy of
+    its message (a deferral, a retry): otherwise the ack dropped the message unprocessed."""
+    deliveries: dict[str, list[Entry]] = defaultdict(list)
+    for entry in entries:
+        if entry.delivery:
+            deliveries[entry.delivery].append(entry)
+    for delivery, own in sorted(deliveries.items()):
+        kinds = {e.kind for e in own}
+        if not kinds & _REMOVED:
+            continue
+        report.deliveries_acked += 1
+        if kinds & _SETTLING:
+            if "start" in kinds and not kinds & _RECORDED:
+                report.acked_unrecorded += 1
+            continue
+        first = min(own, key=lambda e: e.at)
+        did = ", ".join(sorted(kinds - {"delivered"} - _REMOVED)) or "nothing"
+        report.acked_without_run.append(
+            f"{first.key or first.attempt}: delivery {delivery} of message {first.task_id} "
+            f"(pid {first.pid}) {'/'.join(sorted(kinds & _REMOVED))} after {did}"
+        )
+
+
+def _check_tokens(report: Report, by_kind: dict[str, list[Entry]]) -> None:
+    """Tokens of one key strictly increase from one acquisition to the next.
+
+    An acquisition is an ``acquired`` or ``takeover`` entry, or a body ``start`` whose token
+    no such entry carries (its process died before the decision reached the ledger).
+    """
+    acquisitions: dict[str, list[Entry]] = defaultdict(list)
+    for entry in by_kind["acquired"] + by_kind["takeover"]:
+        acquisitions[entry.key].append(entry)
+    decided = {(e.key, e.token) for e in by_kind["acquired"] + by_kind["takeover"]}
+    for entry in by_kind["start"]:
+        if (entry.key, entry.token) not in decided:
+            decided.add((entry.key, entry.token))
+            acquisitions[entry.key].append(entry)
+    stops = _stop_windows(by_kind)
+    for key, own in acquisitions.items():
+        top: Entry | None = None
+        for entry in sorted(own, key=lambda e: e.at):
+            if entry.token <= 0:  # an unguarded run (on_store_error="run") has no token
+                continue
+            if top is not None and entry.token <= top.token:
+                if _frozen_between(stops.get(entry.pid, []), top.at, entry.at):
+                    report.tokens_recorded_after_a_stop += 1
+                    continue
+                report.token_regressions.append(
+                    f"{key}: token {entry.token} (pid {entry.pid}) acquired "
+                    f"{entry.at - top.at:.3f}s after token {top.token} (pid {top.pid})"
+                )
+            if top is None or entry.token > top.token:
+                top = entry
+
+
+def _stop_windows(by_kind: dict[str, list[Entry]]) -> dict[int, list[tuple[float, float]]]:
+    """When each process was frozen: (stopped at, continued at) pairs."""
+    windows: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    continued = sorted(by_kind["continued"], key=lambda e: e.at)
+    for stop in by_kind["stopped"]:
+        after = [c.at for c in continued if c.pid == stop.pid and c.at >= stop.at]
+        windows[stop.pid].append((stop.at, after[0] if after else float("inf")))
+    return windows
+
+
+def _frozen_between(windows: list[tuple[float, float]], before: float, seen: float) -> bool:
+    """A stop began before ``before`` and ended before ``seen``: an entry seen after it may
+    describe something that happened before the stop."""
+    return any(stopped < before and resumed <= seen for stopped, resumed in windows)
+
+
+#: How much earlier than its ledger entry a completion may have reached the store.
+TTL_SLACK = 0.25
+
+
+def split_records(entries: Sequence[Entry], result_ttl: float) -> tuple[list[Entry], int]:
+    """Entries of a key recorded more than ``result_ttl`` after its completion belong to a
+    new record of that key, renamed ``key@1``, ``key@2``...; also returns how many new
+    records there were. Only the first completion (or replay) of each record counts."""
+    done_at: dict[str, float] = {}
+    generation: dict[str, int] = defaultdict(int)
+    out = []
+    for entry in sorted(entries, key=lambda e: e.at):
+        key = entry.key
+        if key and key in done_at and entry.at > done_at[key] + result_ttl - TTL_SLACK:
+            del done_at[key]
+            generation[key] += 1
+        if key and entry.kind in ("completed", "replayed"):
+            done_at.setdefault(key, entry.at)
+        if key and generation[key]:
+            entry = dataclasses.replace(entry, key=f"{key}@{generation[key]}")
+        out.append(entry)
+    return out, sum(generation.values())
 
 
 def _completed_by(completions: list[Entry], replays: list[Entry]) -> tuple[float, float]:
@@ -233,6 +381,18 @@ def assert_no_overlap(entries: Sequence[Entry]) -> None:
 def assert_no_run_after_completion(entries: Sequence[Entry]) -> None:
     """No body started after a completion of its key was recorded."""
     _fail("runs after completion", analyse(entries).runs_after_completion)
+
+
+def assert_tokens_increase(entries: Sequence[Entry]) -> None:
+    """Fencing tokens of one key strictly increase across its attempts: a downstream system
+    that keeps the highest token per key can always refuse the stale holder."""
+    _fail("fencing token regressions", analyse(entries).token_regressions)
+
+
+def assert_no_ack_without_run(entries: Sequence[Entry]) -> None:
+    """No delivery was acked without running the body, replaying the stored result or
+    publishing a copy of its message (needs ``begin_delivery``/``settled`` entries)."""
+    _fail("deliveries acked without a run or a replay", analyse(entries).acked_without_run)
 
 
 def assert_single_effect(entries: Sequence[Entry], *, fenced: bool = False) -> None:

@@ -1,11 +1,15 @@
-"""Fault injection on real processes, each fault written to the effect ledger."""
+"""Fault injection on real processes and servers, each fault written to the effect ledger."""
 
 from __future__ import annotations
 
 import os
 import random
 import signal
+import tempfile
+import time
 from pathlib import Path
+
+import redis
 
 from idemtask.testing.ledger import EffectLedger
 
@@ -65,3 +69,101 @@ class Faults:
 
     def pick(self, pids: list[int]) -> int | None:
         return self.random.choice(pids) if pids else None
+
+
+class ErrorReplies:
+    """Make a ``redis-server`` answer writes with an error reply for a while, then restore it.
+
+    Each fault is one way production Redis refuses writes while staying reachable:
+
+    * ``oom``: ``maxmemory`` far below the memory in use, with ``noeviction``: writes fail
+      with ``OOM command not allowed``;
+    * ``readonly``: ``REPLICAOF`` a real loopback ``redis-server`` (``refusing_master``) that
+      requires a password the store does not have. The store turns into a read-only replica
+      (writes fail with ``READONLY``) whose sync never gets past authentication, so it keeps
+      its own data: a replica only drops its data set when a full sync delivers the master's.
+      ``REPLICAOF NO ONE`` makes it a master again with every record intact;
+    * ``misconf``: a save point and ``stop-writes-on-bgsave-error yes``, and a ``BGSAVE``
+      that fails because the server's directory was moved to one that no longer exists:
+      writes fail with ``MISCONF``. The directory is then put back and a successful
+      ``BGSAVE`` clears the error. The append-only file is not affected (it stays open).
+      Needs ``enable-protected-configs yes`` (``CONFIG SET dir``).
+    """
+
+    KINDS = ("oom", "readonly", "misconf")
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        scratch: Path,
+        refusing_master: tuple[str, int] | None = None,
+        ledger: EffectLedger | None = None,
+    ) -> None:
+        self.client = client
+        self.scratch = scratch  # where the misconf fault makes (and removes) its directory
+        self.refusing_master = refusing_master
+        self.ledger = ledger
+        self._undo: dict[str, dict[str, str]] = {}
+
+    def begin(self, kind: str) -> None:
+        if kind in self._undo:
+            raise RuntimeError(f"the {kind} fault is already on")
+        if self.ledger is not None:
+            self.ledger.record(f"{kind}_begin", key="")
+        getattr(self, f"_begin_{kind}")()
+
+    def end(self, kind: str) -> None:
+        getattr(self, f"_end_{kind}")(self._undo.pop(kind))
+        if self.ledger is not None:
+            self.ledger.record(f"{kind}_end", key="")
+
+    def _saved(self, kind: str, *names: str) -> None:
+        config = {name: str(self.client.config_get(name)[name]) for name in names}
+        self._undo[kind] = config
+
+    def _begin_oom(self) -> None:
+        self._saved("oom", "maxmemory", "maxmemory-policy")
+        self.client.config_set("maxmemory-policy", "noeviction")
+        self.client.config_set("maxmemory", "1")
+
+    def _end_oom(self, saved: dict[str, str]) -> None:
+        self.client.config_set("maxmemory", saved["maxmemory"])
+        self.client.config_set("maxmemory-policy", saved["maxmemory-policy"])
+
+    def _begin_readonly(self) -> None:
+        if self.refusing_master is None:
+            raise RuntimeError("the readonly fault needs a refusing_master")
+        self._undo["readonly"] = {}
+        host, port = self.refusing_master
+        self.client.replicaof(host, port)
+
+    def _end_readonly(self, saved: dict[str, str]) -> None:
+        self.client.replicaof("NO", "ONE")
+
+    def _begin_misconf(self) -> None:
+        self._saved("misconf", "dir", "save", "stop-writes-on-bgsave-error")
+        gone = Path(tempfile.mkdtemp(prefix="misconf-", dir=self.scratch))
+        self.client.config_set("stop-writes-on-bgsave-error", "yes")
+        self.client.config_set("save", "3600 1")  # MISCONF needs a save point configured
+        self.client.config_set("dir", str(gone))
+        gone.rmdir()  # the BGSAVE child cannot create its temporary file
+        self.client.bgsave()
+        self._wait_bgsave("err")
+
+    def _end_misconf(self, saved: dict[str, str]) -> None:
+        self.client.config_set("dir", saved["dir"])
+        self.client.bgsave()
+        self._wait_bgsave("ok")
+        self.client.config_set("save", saved["save"])
+        self.client.config_set("stop-writes-on-bgsave-error", saved["stop-writes-on-bgsave-error"])
+
+    def _wait_bgsave(self, status: str, within: float = 10.0) -> None:
+        deadline = time.monotonic() + within
+        while True:
+            info = self.client.info("persistence")
+            if not info["rdb_bgsave_in_progress"] and info["rdb_last_bgsave_status"] == status:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"BGSAVE did not end with status {status}: {info}")
+            time.sleep(0.02)

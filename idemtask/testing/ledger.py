@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,10 @@ _OBSERVED = {
     Decision.DEFERRED,
     Decision.LEASE_LOST,
     Decision.POISON,
+    Decision.RELEASED,
+    Decision.DROPPED,
+    Decision.STORE_UNAVAILABLE,
+    Decision.RENEWED,  # one entry per renewal round trip (token: how many leases it renewed)
 }
 
 
@@ -46,6 +51,8 @@ class Entry:
     pid: int
     task_id: str = ""
     ok: bool = True  # end: the body returned; fenced_effect: the write was accepted
+    #: The broker delivery the entry belongs to (``begin_delivery``), "" outside one.
+    delivery: str = ""
 
 
 class EffectLedger:
@@ -54,6 +61,7 @@ class EffectLedger:
     def __init__(self, client: redis.Redis, name: str = "idemtask-ledger") -> None:
         self.client = client
         self.name = name
+        self._local = threading.local()  # the delivery this thread is handling
 
     @property
     def url(self) -> str:
@@ -78,10 +86,41 @@ class EffectLedger:
         task_id: str = "",
         ok: bool = True,
         pid: int | None = None,
+        delivery: str | None = None,
     ) -> None:
-        """Append one entry; fault injectors record ``killed``/``stopped`` with the pid hit."""
+        """Append one entry; fault injectors record ``killed``/``stopped`` with the pid hit.
+        ``delivery`` defaults to the one this thread is handling (``begin_delivery``)."""
         pid = os.getpid() if pid is None else pid
-        self._append(Entry(kind, key, attempt, token, time.time(), pid, task_id, ok))
+        if delivery is None:
+            delivery = self.current_delivery()
+        entry = Entry(kind, key, attempt, token, time.time(), pid, task_id, ok, delivery)
+        self._append(entry)
+
+    # -- deliveries: what the broker handed over, and what became of it ---------------------
+
+    def begin_delivery(self, *, key: str, task_id: str, name: str = "") -> str:
+        """A worker thread took a message from the broker: records ``delivered`` and tags
+        every entry this thread records until ``end_delivery`` with the delivery's id, so the
+        checks can tell what each delivery did before it was acked. ``name`` is the plan's
+        name for the key (kept in ``attempt``)."""
+        delivery = uuid.uuid4().hex[:16]
+        self._local.delivery = delivery
+        self.record("delivered", key=key, attempt=name, task_id=task_id)
+        return delivery
+
+    def end_delivery(self) -> str:
+        """This thread is done with its delivery; returns its id (\"\" if none)."""
+        delivery = self.current_delivery()
+        self._local.delivery = ""
+        return delivery
+
+    def current_delivery(self) -> str:
+        return str(getattr(self._local, "delivery", ""))
+
+    def settled(self, kind: str, *, delivery: str, key: str = "", task_id: str = "") -> None:
+        """What the worker told the broker about a delivery: ``acked`` (the message is
+        gone), ``requeued`` or ``nacked``; may run in another thread than the delivery."""
+        self.record(kind, key=key, task_id=task_id, delivery=delivery)
 
     def _note(self, kind: str, execution: context.Execution, ok: bool = True) -> None:
         self.record(
@@ -128,7 +167,7 @@ class EffectLedger:
     def _on_event(self, event: Event) -> None:
         if event.decision not in _OBSERVED:
             return
-        token = event.fields.get("token", 0)
+        token = event.fields.get("leases" if event.decision is Decision.RENEWED else "token", 0)
         self.record(
             event.decision.value,
             key=event.key,

@@ -9,8 +9,10 @@ from idemtask.testing import (
     Entry,
     analyse,
     assert_all_completed,
+    assert_no_ack_without_run,
     assert_no_run_after_completion,
     assert_no_stale_completion,
+    assert_tokens_increase,
 )
 
 
@@ -78,3 +80,90 @@ def test_a_replay_proves_a_completion_whose_entry_died_with_its_process() -> Non
     # Without the replay the key is lost.
     with pytest.raises(AssertionError, match="1 keys never completed"):
         assert_all_completed(killed[:-1], ["k"])
+
+
+def d(kind: str, delivery: str, at: float, key: str = "k", token: int = 0) -> Entry:
+    """An entry recorded inside delivery ``delivery`` of message ``m``."""
+    return Entry(kind, key, f"a{token}", token, at, 1, "m", delivery=delivery)
+
+
+def test_token_regressions_are_caught_and_increasing_tokens_pass() -> None:
+    increasing = [e("acquired", "k", 1, 0.0), e("takeover", "k", 2, 3.0, pid=2),
+                  e("acquired", "j", 1, 3.5), e("takeover", "k", 3, 6.0)]  # fmt: skip
+    assert_tokens_increase(increasing)
+    # The record expired while its holder ran: the next acquire starts from token 1 again.
+    expired = [e("acquired", "k", 1, 0.0), e("acquired", "k", 1, 5.0, pid=2)]
+    with pytest.raises(AssertionError, match="1 fencing token regressions"):
+        assert_tokens_increase(expired)
+    # A lower token after a higher one is a regression too, also when only the body's start
+    # shows it (the process died before its ``acquired`` entry reached the ledger).
+    lower = [e("takeover", "k", 3, 0.0), e("start", "k", 2, 4.0, pid=2)]
+    with pytest.raises(AssertionError, match="1 fencing token regressions"):
+        assert_tokens_increase(lower)
+    assert analyse(lower).as_dict()["token regressions"] == 1
+
+
+def test_a_token_recorded_late_by_a_frozen_process_is_no_regression() -> None:
+    # pid 1 acquired token 1 and froze before writing its entry; token 2 took over meanwhile.
+    frozen = [e("stopped", "", 0, 0.5), e("takeover", "k", 2, 4.0, pid=2),
+              e("continued", "", 0, 9.0), e("acquired", "k", 1, 9.01)]  # fmt: skip
+    assert_tokens_increase(frozen)
+    assert analyse(frozen).tokens_recorded_after_a_stop == 1
+    # The same late token from a process that was never frozen is a regression.
+    with pytest.raises(AssertionError, match="1 fencing token regressions"):
+        assert_tokens_increase([x for x in frozen if x.kind not in ("stopped", "continued")])
+
+
+def test_an_ack_after_a_run_a_replay_or_a_republish_is_fine() -> None:
+    fine = [
+        d("delivered", "d1", 0.0), d("acquired", "d1", 0.1, token=1), d("start", "d1", 0.2),
+        d("end", "d1", 0.3), d("completed", "d1", 0.4), d("acked", "d1", 0.5),
+        d("delivered", "d2", 1.0), d("replayed", "d2", 1.1), d("acked", "d2", 1.2),
+        d("delivered", "d3", 2.0), d("deferred", "d3", 2.1), d("republished", "d3", 2.2),
+        d("acked", "d3", 2.3),
+        # Requeued, not acked: the broker keeps the message.
+        d("delivered", "d4", 3.0), d("store_unavailable", "d4", 3.1), d("requeued", "d4", 3.2),
+    ]  # fmt: skip
+    assert_no_ack_without_run(fine)
+    assert analyse(fine).deliveries_acked == 3
+    # A body that ran but whose completion never reached the store is no loss (the work was
+    # done), but it is counted: another copy will run the key again.
+    unrecorded = [d("delivered", "d5", 4.0), d("start", "d5", 4.1), d("end", "d5", 4.2),
+                  d("store_unavailable", "d5", 4.3), d("acked", "d5", 4.4)]  # fmt: skip
+    assert_no_ack_without_run(unrecorded)
+    assert (analyse(fine).acked_unrecorded, analyse(unrecorded).acked_unrecorded) == (0, 1)
+
+
+def test_an_ack_without_a_run_or_a_replay_is_caught() -> None:
+    # The store answered with an error the guard did not expect; the task failed and the
+    # framework acked the message: this copy is gone without its body having run.
+    dropped = [d("delivered", "d1", 0.0), d("store_unavailable", "d1", 0.1),
+               d("acked", "d1", 0.2)]  # fmt: skip
+    with pytest.raises(AssertionError, match="1 deliveries acked without a run or a replay"):
+        assert_no_ack_without_run(dropped)
+    report = analyse(dropped)
+    assert report.acked_without_run == [
+        "k: delivery d1 of message m (pid 1) acked after store_unavailable"
+    ]
+    # A deferral that never published its copy is caught as well.
+    unpublished = [d("delivered", "d1", 0.0), d("deferred", "d1", 0.1), d("acked", "d1", 0.2)]
+    with pytest.raises(AssertionError, match="1 deliveries acked"):
+        assert_no_ack_without_run(unpublished)
+
+
+def test_what_follows_the_end_of_a_record_is_checked_as_a_new_key() -> None:
+    # Token 1 completed at 1.0; with a 5 s result_ttl the record ends at 6.0. A delivery at
+    # 8.0 acquires a fresh record (token 1 again), runs and completes: documented, no violation.
+    history = [e("acquired", "k", 1, 0.0), e("start", "k", 1, 0.1), e("end", "k", 1, 0.9),
+               e("completed", "k", 1, 1.0), e("replayed", "k", 0, 3.0, pid=2),
+               e("acquired", "k", 1, 8.0, pid=2), e("start", "k", 1, 8.1, pid=2),
+               e("end", "k", 1, 8.2, pid=2), e("completed", "k", 1, 8.3, pid=2)]  # fmt: skip
+    report = analyse(history, ["k"], result_ttl=5.0)
+    assert report.records_ended == 1
+    assert (report.runs_after_completion, report.token_regressions) == ([], [])
+    assert (report.double_completions, report.lost) == ([], [])
+    # Within the record's life the same history breaks three guarantees.
+    within = analyse(history, ["k"], result_ttl=60.0)
+    assert within.records_ended == 0
+    assert len(within.runs_after_completion) == len(within.token_regressions) == 1
+    assert within.double_completions == ["k"]

@@ -2,9 +2,12 @@
 
 Each run kills worker processes mid-body and between completion and ack, freezes one past
 its lease, restarts the store's Redis (and RabbitMQ), then checks from the effect ledger and
-the store that nothing was lost, nothing overlapped, nothing ran after a completion and no
-stale completion was accepted. ``-s`` shows each run's figures. The same runner makes the
-long runs: ``python -m idemtask.testing.chaos --framework celery --keys 10000 --seed 1``.
+the store that nothing was lost, nothing overlapped, nothing ran after a completion, no
+stale completion was accepted, fencing tokens only grew and no delivery was acked without a
+run or a replay. One run per further fault family: the store refusing writes with error
+replies, the network between workers and store, bodies longer than ``result_ttl``, bodies
+holding the GIL. ``-s`` shows each run's figures. The same runner makes the long runs:
+``python -m idemtask.testing.chaos --framework celery --keys 10000 --seed 1``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def test_chaos_dramatiq_on_redis_through_the_command(tmp_path: Path) -> None:
         sys.executable, "-m", "idemtask.testing.chaos", "--framework", "dramatiq",
         "--broker", "redis", "--keys", "50", "--seed", "2", "--kills", "3",
         "--kills-after-end", "1", "--stops", "1", "--restarts", "1", "--duration", "24",
+        "--ooms", "0", "--readonlys", "0", "--misconfs", "0", "--latencies", "0",
+        "--drops", "0", "--blackholes", "0",
         "--workdir", str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
@@ -80,3 +85,73 @@ def test_chaos_dramatiq_on_redis_through_the_command(tmp_path: Path) -> None:
     assert figures["kills mid-body"] + figures["kills between completion and ack"] == 3
     assert (figures["stops"], figures["store restarts"]) == (1, 1)
     assert figures["stale completions rejected"] >= 1
+
+
+#: Only the faults a run names; the process faults and restarts are off.
+NONE = {"kills": 0, "kills_after_end": 0, "stops": 0, "store_restarts": 0}
+
+
+def _clean(result: Result, scenario: Scenario) -> dict[str, int]:
+    figures = result.figures()
+    print(f"\n{json.dumps(figures)}\n" + "\n".join(result.fault_log))
+    assert result.violations == {}
+    assert (figures["keys"], figures["messages"]) == (scenario.keys, 3 * scenario.keys)
+    assert figures["deliveries acked"] >= figures["messages"]  # every delivery is recorded
+    return figures
+
+
+@pytest.mark.celery
+def test_chaos_celery_under_store_error_replies() -> None:
+    """OOM, READONLY and MISCONF, 3 s each, while bodies run: the store answers, but refuses
+    every write; no copy of a key may be acked unprocessed."""
+    scenario = Scenario(
+        "celery", "redis", keys=40, seed=1, duration=16, ooms=1, readonlys=1, misconfs=1,
+        error_seconds=3.0, timeout=60, **NONE,
+    )  # fmt: skip
+    figures = _clean(run_scenario(scenario), scenario)
+    assert (figures["OOM replies"], figures["READONLY replies"], figures["MISCONF replies"]) == (
+        1, 1, 1,
+    )  # fmt: skip
+    assert figures["store unavailable decisions"] >= 1  # the refusals reached the guard
+
+
+@pytest.mark.dramatiq
+def test_chaos_dramatiq_under_network_faults_between_workers_and_store() -> None:
+    """Through the fault proxy: 150 ms more per chunk, every connection dropped, and a black
+    hole longer than the store client's socket timeout."""
+    scenario = Scenario(
+        "dramatiq", "redis", keys=40, seed=1, duration=16, latencies=1, drops=1,
+        blackholes=1, timeout=90, **NONE,
+    )  # fmt: skip
+    figures = _clean(run_scenario(scenario), scenario)
+    assert (figures["latency spells"], figures["connection drops"], figures["black holes"]) == (
+        1, 1, 1,
+    )  # fmt: skip
+    assert figures["store unavailable decisions"] >= 1  # calls failed or timed out
+
+
+@pytest.mark.dramatiq
+def test_chaos_dramatiq_with_bodies_longer_than_result_ttl() -> None:
+    """Bodies of 9 s with ``result_ttl`` 6 s and a 1 s lease; the kills and the stop hit
+    only bodies past ``result_ttl``, whose record lives on renewals alone."""
+    scenario = Scenario(
+        "dramatiq", "redis", keys=30, seed=1, duration=14, lease=1.0, result_ttl=6.0,
+        long_bodies=4, kills=2, kills_after_end=0, stops=1, store_restarts=0, timeout=120,
+    )  # fmt: skip
+    figures = _clean(run_scenario(scenario), scenario)
+    assert (figures["kills mid-body"], figures["stops"]) == (2, 1)
+    assert figures["lease renewals"] >= 1  # the long bodies kept their leases by renewing
+    assert figures["stale completions rejected"] >= 1  # the frozen long body woke up stale
+
+
+@pytest.mark.celery
+def test_chaos_celery_with_bodies_that_hold_the_gil() -> None:
+    """Ten bodies spin in pure Python for 1.5 leases: the lease keeper thread must still
+    renew, so no copy takes a key over while its body runs."""
+    scenario = Scenario(
+        "celery", "redis", keys=30, seed=1, duration=12, lease=1.0, cpu_bodies=10,
+        timeout=90, **NONE,
+    )  # fmt: skip
+    figures = _clean(run_scenario(scenario), scenario)
+    assert figures["lease renewals"] >= 5
+    assert (figures["leases lost"], figures["takeovers"]) == (0, 0)

@@ -18,14 +18,25 @@ from idemtask.testing.chaos.runner import Scenario, run_scenario
 
 #: Faults per 10 000 keys in a long run, and the floor for smaller runs.
 LONG_RUN = {"kills": 60, "kills_after_end": 15, "stops": 4, "restarts": 3}
+#: The store's error replies and the network faults: how many of each in a long run.
+STORE_FAULTS = {
+    "ooms": "OOM error replies (maxmemory with noeviction)",
+    "readonlys": "READONLY error replies (the store made a replica)",
+    "misconfs": "MISCONF error replies (a failed BGSAVE)",
+    "latencies": "spells of latency between workers and the store",
+    "drops": "drops of every worker-to-store connection",
+    "blackholes": "black holes between workers and the store",
+}
+LONG_RUN_STORE_FAULTS = 3
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m idemtask.testing.chaos",
         description="Run a workload under seeded faults on real servers and check that no "
-        "key was lost, no two attempts overlapped, nothing ran after a completion and no "
-        "stale completion was accepted.",
+        "key was lost, no two attempts overlapped, nothing ran after a completion, no "
+        "stale completion was accepted, fencing tokens only grew and no delivery was acked "
+        "without a run or a replay.",
     )
     parser.add_argument("--framework", choices=("celery", "dramatiq"), required=True)
     parser.add_argument(
@@ -45,6 +56,34 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--restarts",
         type=int,
         help=f"restarts of the store's Redis, and of RabbitMQ (default {LONG_RUN['restarts']})",
+    )
+    for name, what in STORE_FAULTS.items():
+        parser.add_argument(
+            f"--{name}",
+            type=int,
+            default=LONG_RUN_STORE_FAULTS,
+            help=f"{what} (default %(default)s)",
+        )
+    parser.add_argument(
+        "--long-bodies",
+        type=int,
+        default=0,
+        help="keys whose body runs 1.5 x --result-ttl (give a short --result-ttl)",
+    )
+    parser.add_argument(
+        "--cpu-bodies",
+        type=int,
+        default=0,
+        help="keys whose body spins in pure Python, holding the GIL, for 1.5 x the lease",
+    )
+    parser.add_argument(
+        "--result-ttl", type=float, default=3600.0, help="the workers' result_ttl in seconds"
+    )
+    parser.add_argument(
+        "--error-seconds", type=float, default=1.5, help="how long an error-reply fault lasts"
+    )
+    parser.add_argument(
+        "--blackhole-seconds", type=float, default=6.0, help="how long a black hole lasts"
     )
     parser.add_argument(
         "--duration",
@@ -91,6 +130,12 @@ def main(argv: list[str] | None = None, rabbitmq: Broker | None = None) -> int:
         stops=args.stops if args.stops is not None else LONG_RUN["stops"],
         store_restarts=restarts,
         broker_restarts=restarts if args.broker == "rabbitmq" and _restartable(rabbitmq) else 0,
+        **{name: getattr(args, name) for name in STORE_FAULTS},
+        long_bodies=args.long_bodies,
+        cpu_bodies=args.cpu_bodies,
+        result_ttl=args.result_ttl,
+        error_seconds=args.error_seconds,
+        blackhole_seconds=args.blackhole_seconds,
         duration=duration,
         lease=args.lease,
         timeout=args.timeout if args.timeout is not None else max(300.0, 3 * duration),

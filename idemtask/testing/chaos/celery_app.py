@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals, states
 
 from idemtask.celery import IdempotentTask, presets
+from idemtask.celery.task import KEY_HEADER
 from idemtask.testing.chaos import workload
 
 _ledger = workload.ledger_from_env()
@@ -46,7 +47,7 @@ def build() -> Celery:
         idemtask={
             "redis_url": workload.env("STORE_URL"),
             "lease": float(workload.env("LEASE")),
-            "result_ttl": 3600,
+            "result_ttl": workload.result_ttl(),
             # Every submission is published: the execute guard, not the enqueue dedupe,
             # has to keep the three copies of a key from running twice.
             "on_duplicate": "enqueue",
@@ -63,11 +64,38 @@ def build() -> Celery:
     @app.task(  # type: ignore[untyped-decorator]
         name=workload.TASK_NAME, base=LingeringTask, idempotency_key=("key",)
     )
-    def work(key: str, ms: int, linger: bool, fenced: bool) -> str:
-        return workload.run_body(_ledger, key, ms, fenced)
+    def work(key: str, ms: int, linger: bool, fenced: bool, cpu: bool = False) -> str:
+        return workload.run_body(_ledger, key, ms, fenced, cpu)
 
     return app
 
 
+# Each delivery in the ledger: ``delivered`` before the guard decides, ``republished`` for a
+# copy it sends (a deferral), and how it is settled once the task returns. With acks late
+# the parent acks every task that returned, whatever its state, except a rejected one
+# (requeued); a child killed before returning settles nothing (the message is redelivered).
+
+
+def _delivered(task_id: str, task: Any, args: Any = (), **_: Any) -> None:
+    request = task.request
+    key = (request.headers or {}).get(KEY_HEADER) or request.get(KEY_HEADER) or ""
+    _ledger.begin_delivery(key=str(key), task_id=task_id, name=str(args[0]) if args else "")
+
+
+def _republished(headers: Any = None, **_: Any) -> None:
+    if _ledger.current_delivery():
+        _ledger.record("republished", key="", task_id=str((headers or {}).get("id", "")))
+
+
+def _settled(task_id: str, state: str | None = None, **_: Any) -> None:
+    delivery = _ledger.end_delivery()
+    if delivery:
+        kind = "requeued" if state == states.REJECTED else "acked"
+        _ledger.settled(kind, delivery=delivery, task_id=task_id)
+
+
+signals.task_prerun.connect(_delivered, weak=False)
+signals.after_task_publish.connect(_republished, weak=False)
+signals.task_postrun.connect(_settled, weak=False)
 app = build()
 _ledger.observe()

@@ -21,6 +21,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Middleware, Retries
 
 from idemtask.dramatiq import IdempotencyMiddleware
+from idemtask.dramatiq.middleware import KEY_OPTION
 from idemtask.testing.chaos import workload
 from idemtask.testing.ledger import EffectLedger
 
@@ -42,6 +43,46 @@ class Linger(Middleware):
         args = message.args
         if exception is None and len(args) > 2 and args[2]:
             workload.linger(self.ledger, str(args[0]))
+
+
+class Deliveries(Middleware):
+    """Each delivery in the ledger: ``delivered`` before the guard decides (this middleware
+    comes first), ``republished`` for a copy the worker sends while handling it (a deferral,
+    a retry), and ``acked``/``nacked`` when the consumer settles it."""
+
+    ATTRIBUTE = "_idtchaos_delivery"
+
+    def __init__(self, ledger: EffectLedger) -> None:
+        self.ledger = ledger
+
+    def before_process_message(self, broker: Any, message: Any) -> None:
+        key = str(message.options.get(KEY_OPTION, ""))
+        name = str(message.args[0]) if message.args else ""
+        delivery = self.ledger.begin_delivery(key=key, task_id=message.message_id, name=name)
+        setattr(message, self.ATTRIBUTE, delivery)
+
+    def after_enqueue(self, broker: Any, message: Any, delay: Any) -> None:
+        if self.ledger.current_delivery():
+            self.ledger.record("republished", key="", task_id=message.message_id)
+
+    def after_process_message(
+        self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        self.ledger.end_delivery()
+
+    def after_skip_message(self, broker: Any, message: Any) -> None:
+        self.ledger.end_delivery()
+
+    def after_ack(self, broker: Any, message: Any) -> None:
+        self._settled("acked", message)
+
+    def after_nack(self, broker: Any, message: Any) -> None:
+        self._settled("nacked", message)
+
+    def _settled(self, kind: str, message: Any) -> None:
+        delivery = str(message.__dict__.get(self.ATTRIBUTE, ""))
+        if delivery:
+            self.ledger.settled(kind, delivery=delivery, task_id=message.message_id)
 
 
 @dataclass
@@ -70,13 +111,14 @@ def build() -> App:
             redis_url=workload.env("STORE_URL"),
             key_prefix=namespace,
             lease=float(workload.env("LEASE")),
-            result_ttl=3600,
+            result_ttl=workload.result_ttl(),
             on_duplicate="enqueue",  # every submission published: the execute guard decides
             max_deliveries=50,
         ),
         before=Retries,
     )
     broker.add_middleware(Linger(ledger))
+    broker.add_middleware(Deliveries(ledger), before=type(broker.middleware[0]))
     dramatiq.set_broker(broker)
 
     @dramatiq.actor(
@@ -88,8 +130,8 @@ def build() -> App:
         min_backoff=100,
         max_backoff=2_000,
     )
-    def work(key: str, ms: int, linger: bool, fenced: bool) -> str:
-        return workload.run_body(ledger, key, ms, fenced)
+    def work(key: str, ms: int, linger: bool, fenced: bool, cpu: bool = False) -> str:
+        return workload.run_body(ledger, key, ms, fenced, cpu)
 
     return App(broker, work, ledger)
 

@@ -27,7 +27,7 @@ def _sender() -> Callable[[workload.Job], tuple[str, str]]:
         task = celery_app.app.tasks[workload.TASK_NAME]
 
         def send_celery(job: workload.Job) -> tuple[str, str]:
-            args = (job.key, job.ms, job.linger, job.fenced)
+            args = (job.key, job.ms, job.linger, job.fenced, job.cpu)
             result = task.apply_async(args=args)
             return str(task.idemtask_key(args).key), str(result.id)
 
@@ -38,7 +38,7 @@ def _sender() -> Callable[[workload.Job], tuple[str, str]]:
     actor = dramatiq_app.build().work
 
     def send_dramatiq(job: workload.Job) -> tuple[str, str]:
-        message = actor.send(job.key, job.ms, job.linger, job.fenced)
+        message = actor.send(job.key, job.ms, job.linger, job.fenced, job.cpu)
         return str(message.options.get(KEY_OPTION, "")), str(message.message_id)
 
     return send_dramatiq
@@ -58,6 +58,7 @@ def main(argv: list[str]) -> None:
                 break
             except Exception as exc:  # a broker restarting: retry like a careful caller
                 print(f"send of {job.key} failed ({exc!r}); retrying", file=sys.stderr)
+                ledger.record("send_failed", key="", attempt=job.key, task_id=type(exc).__name__)
                 time.sleep(RESEND_DELAY)
         # The guard's key (what the ledger's other entries carry) and the plan's name for it.
         ledger.record("submitted", key=key, attempt=job.key, task_id=task_id)

@@ -19,7 +19,18 @@ Faults (each written to the ledger):
 * ``store_restart``: the store's ``redis-server`` stopped (alternately SIGTERM and SIGKILL),
   down for a second, and started again on its append-only file;
 * ``broker_restart``: RabbitMQ stopped and started again (RabbitMQ scenario, on the
-  caller's node).
+  caller's node);
+* ``oom``, ``readonly``, ``misconf``: the store keeps answering, but refuses writes with
+  an error reply for ``error_seconds`` (see ``ErrorReplies``);
+* ``latency``, ``drop``, ``blackhole``: network faults between the workers and the store,
+  whose URL then points at a ``FaultyProxy`` in front of it: ``latency_ms`` more per chunk
+  for ``net_seconds``, every connection closed (and new ones refused) for ``net_seconds``,
+  or nothing forwarded for ``blackhole_seconds`` (longer than the store client's 5 s socket
+  timeout by default, so calls time out).
+
+The workload can also hold bodies longer than ``result_ttl`` (``long_bodies``; set a short
+``result_ttl``) and bodies that spin in pure Python, holding the GIL, for longer than the
+lease (``cpu_bodies``): the lease keeper thread must still renew.
 """
 
 from __future__ import annotations
@@ -46,10 +57,11 @@ from idemtask.store.base import State
 from idemtask.store.redis import RedisStore
 from idemtask.testing.chaos import workload
 from idemtask.testing.chaos.broker import Broker
-from idemtask.testing.checks import Report, analyse
-from idemtask.testing.faults import Faults, children
-from idemtask.testing.launcher import RedisServer, terminate_session
+from idemtask.testing.checks import TTL_SLACK, Report, analyse
+from idemtask.testing.faults import ErrorReplies, Faults, children
+from idemtask.testing.launcher import LOOPBACK, RedisServer, terminate_session
 from idemtask.testing.ledger import EffectLedger, Entry
+from idemtask.testing.proxy import FaultyProxy
 
 #: Seconds without a RabbitMQ heartbeat after which the server drops a frozen consumer:
 #: the client asks for this interval, the server closes after about two missed beats.
@@ -65,6 +77,11 @@ BROKER_RESTART_ESTIMATE = 10.0
 ACKING_WINDOW = 0.2
 #: A body is a target for a kill or a stop while it has at least this long left to run.
 BODY_MARGIN = 0.05
+#: Faults that refuse the store's writes with an error reply, and network faults.
+ERROR_FAULTS = ErrorReplies.KINDS
+NET_FAULTS = ("latency", "drop", "blackhole")
+#: Kills and stops need a body to hit.
+HIT_FAULTS = ("kill", "stop", "kill_after_end")
 
 Log = Callable[[str], None]
 
@@ -83,9 +100,22 @@ class Scenario:
     stops: int = 1
     store_restarts: int = 1
     broker_restarts: int = 0
+    ooms: int = 0
+    readonlys: int = 0
+    misconfs: int = 0
+    latencies: int = 0
+    drops: int = 0
+    blackholes: int = 0
+    long_bodies: int = 0  # keys whose body runs 1.5 x result_ttl
+    cpu_bodies: int = 0  # keys whose body spins (holding the GIL) for 1.5 x the lease
     duration: float = 20.0
     lease: float = 2.0
+    result_ttl: float = 3600.0
     visibility: float = 6.0  # Celery's Redis visibility timeout
+    error_seconds: float = 1.5  # how long an error-reply fault refuses writes
+    net_seconds: float = 3.0  # how long latency lasts, and drops refuse connections
+    latency_ms: float = 150.0
+    blackhole_seconds: float = 6.0
     timeout: float = 600.0  # give up (and report the keys not completed) after this
     workdir: Path | None = None
 
@@ -96,6 +126,30 @@ class Scenario:
             raise ValueError("broker restarts are part of the RabbitMQ scenario only")
         if self.kills_after_end > self.kills:
             raise ValueError("kills_after_end is part of kills")
+        if self.result_ttl < self.lease:
+            raise ValueError("result_ttl must be at least the lease")
+        if self.long_bodies + self.cpu_bodies > self.keys:
+            raise ValueError("long_bodies and cpu_bodies are part of keys")
+
+    @property
+    def proxied(self) -> bool:
+        """Workers reach the store through the fault proxy (when a network fault is due)."""
+        return self.latencies + self.drops + self.blackholes > 0
+
+    @property
+    def hit_after(self) -> float:
+        """How long a body must have run to be killed or stopped: with bodies longer than
+        ``result_ttl``, only those past it, whose record lives on renewals alone."""
+        return self.result_ttl if self.long_bodies else 0.0
+
+    @property
+    def special(self) -> workload.Special:
+        return workload.Special(
+            long=self.long_bodies,
+            long_ms=int(self.result_ttl * 1500),
+            cpu=self.cpu_bodies,
+            cpu_ms=int(self.lease * 1500),
+        )
 
     @property
     def name(self) -> str:
@@ -137,6 +191,14 @@ class Scenario:
         restarts += ["broker_restart"] * self.broker_restarts
         rng.shuffle(hits)
         rng.shuffle(restarts)
+        # The store and network faults need no target either; their own seeded order, then
+        # shuffled in among the restarts (the restarts keep their order of before).
+        others = ["oom"] * self.ooms + ["readonly"] * self.readonlys
+        others += ["misconf"] * self.misconfs + ["latency"] * self.latencies
+        others += ["drop"] * self.drops + ["blackhole"] * self.blackholes
+        random.Random(f"store-faults-{self.seed}").shuffle(others)
+        for fault in others:
+            restarts.insert(rng.randrange(len(restarts) + 1), fault)
         return ["kill_after_end"] * self.kills_after_end + hits + restarts
 
 
@@ -156,6 +218,7 @@ class Result:
     skipped_faults: list[str]
     report: Report
     store_not_done: list[str]  # keys whose record is not ``done`` at the end
+    sends_refused: int = 0  # producer sends that raised (and were retried)
     fault_log: list[str] = field(default_factory=list)
 
     def figures(self) -> dict[str, Any]:
@@ -170,7 +233,14 @@ class Result:
             "stops": self.faults["stop"],
             "store restarts": self.faults["store_restart"],
             "broker restarts": self.faults["broker_restart"],
+            "OOM replies": self.faults["oom"],
+            "READONLY replies": self.faults["readonly"],
+            "MISCONF replies": self.faults["misconf"],
+            "latency spells": self.faults["latency"],
+            "connection drops": self.faults["drop"],
+            "black holes": self.faults["blackhole"],
             "faults skipped (no target)": len(self.skipped_faults),
+            "sends refused (retried by the producer)": self.sends_refused,
             "store records not done": len(self.store_not_done),
         }
         figures.update(self.report.as_dict())
@@ -189,6 +259,8 @@ class Result:
             "stale completions accepted": report.stale_accepted,
             "repeats not explained by a crash": report.unexplained_repeats,
             "stale fenced writes accepted": report.stale_fenced_writes_accepted,
+            "token regressions": report.token_regressions,
+            "deliveries acked without a run or a replay": report.acked_without_run,
         }
         return {name: items for name, items in found.items() if items}
 
@@ -241,16 +313,17 @@ class _Follower:
         elif kind == "ready":
             self.ready.add(entry.pid)
 
-    def in_body(self, pids: list[int]) -> list[int]:
+    def in_body(self, pids: list[int], ran: float = 0.0) -> list[int]:
         """Processes with a body that, by the plan, still has ``BODY_MARGIN`` to run: the
         ledger is read a little late, and a body about to end would make a kill or a stop
-        land after its completion instead of inside it."""
+        land after its completion instead of inside it. With ``ran``, only bodies that have
+        been running for longer than that count."""
         now = time.time()
         return [
             pid
             for pid in pids
             if any(
-                started + self.length.get(key, 0.0) - now > BODY_MARGIN
+                started + self.length.get(key, 0.0) - now > BODY_MARGIN and now - started > ran
                 for key, started in self.bodies.get(pid, {}).items()
             )
         ]
@@ -272,8 +345,13 @@ class ChaosRun:
         self.namespace = f"chaos{uuid.uuid4().hex[:8]}"
         self.broker_redis: RedisServer | None = None
         self.rabbitmq = rabbitmq  # the caller's node (RabbitMQ scenario)
-        self.store = RedisServer(appendonly=True, appendfsync="always")
+        # Protected configs on: the misconf fault moves the server's directory.
+        self.store = RedisServer(
+            appendonly=True, appendfsync="always", config={"enable-protected-configs": "yes"}
+        )
         self.ledger_server = RedisServer()
+        self.refusing_master: RedisServer | None = None  # for the readonly fault
+        self.proxy: FaultyProxy | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
         self.producers: list[subprocess.Popen[bytes]] = []
         self.faults_done: Counter[str] = Counter()
@@ -302,7 +380,8 @@ class ChaosRun:
             "BROKER": s.broker,
             "BROKER_URL": broker_url,
             "BACKEND_URL": backend_url,
-            "STORE_URL": self.store.url,
+            "STORE_URL": self.proxy.url if self.proxy is not None else self.store.url,
+            "RESULT_TTL": str(s.result_ttl),
             "LEDGER_URL": self.ledger.url,
             "LEDGER_NAME": self.ledger.name,
             "LEASE": str(s.lease),
@@ -332,10 +411,11 @@ class ChaosRun:
         s = self.scenario
         self.ledger_server.start()
         self.ledger = EffectLedger(self.ledger_server.client(), f"chaos-ledger-{self.namespace}")
-        jobs = workload.plan(s.keys, s.seed)
+        jobs = workload.plan(s.keys, s.seed, s.special)
         self.follow = _Follower(self.ledger, {job.key: job.ms / 1000 for job in jobs})
         self.faults = Faults(self.ledger, seed=s.seed)
         self.store.start()
+        self._start_store_faults()
         if s.broker == "rabbitmq":
             if self.rabbitmq is None:
                 raise ValueError("the RabbitMQ scenario needs a running node: pass rabbitmq=")
@@ -362,6 +442,19 @@ class ChaosRun:
                 )
             )
         self._started = time.monotonic()
+
+    def _start_store_faults(self) -> None:
+        s = self.scenario
+        if s.readonlys:
+            # A real master the store cannot sync from: it requires a password the store
+            # lacks, so the store stays a read-only replica that keeps its own data.
+            self.refusing_master = RedisServer().start()
+            client = self.refusing_master.client()
+            client.config_set("requirepass", uuid.uuid4().hex)
+            client.close()
+        if s.proxied:
+            lifetime = s.timeout + 600  # the proxy stops by itself after the run
+            self.proxy = FaultyProxy(self.store.port, lifetime=lifetime).start()
 
     def _start_celery(self) -> None:
         log = self.dir / "celery-worker.log"
@@ -428,21 +521,22 @@ class ChaosRun:
         self.log(line)
 
     def _wait(self, seconds: float) -> None:
-        """Sleep while following the ledger (and keeping workers up)."""
+        """Sleep while following the ledger and continuing the stopped processes due."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             self.follow.poll()
+            self._continue_due()
             time.sleep(0.02)
 
     def inject(self, fault: str) -> bool:
         """Try one fault; False when it has no target right now."""
         self.follow.poll()
-        if fault in ("kill", "stop", "kill_after_end"):
+        if fault in HIT_FAULTS:
             targets = self._targets()
             if fault == "kill_after_end":
                 found = self.follow.lingering(targets)
             else:
-                found = self.follow.in_body(targets)
+                found = self.follow.in_body(targets, self.scenario.hit_after)
             pid = self.faults.pick(sorted(found))
             if pid is None:
                 return False
@@ -459,8 +553,48 @@ class ChaosRun:
             began = time.monotonic()
             self.rabbitmq.restart()
             self._note(f"broker restart (down {time.monotonic() - began:.1f}s)")
+        elif not self.follow.in_body(self._targets()):
+            return False  # a store or network fault waits until a body is there to feel it
+        elif fault in ERROR_FAULTS:
+            self._refuse_writes(fault)
+        else:
+            self._net_fault(fault)
         self.faults_done[fault] += 1
         return True
+
+    def _refuse_writes(self, kind: str) -> None:
+        """The store answers writes with an error reply for ``error_seconds``, then is put
+        back (also when the run is interrupted meanwhile)."""
+        master = self.refusing_master
+        client = self.store.client(socket_timeout=10)  # a new one: the store may have restarted
+        errors = ErrorReplies(
+            client,
+            scratch=self.dir,
+            refusing_master=None if master is None else (LOOPBACK, master.port),
+            ledger=self.ledger,
+        )
+        errors.begin(kind)
+        try:
+            self._wait(self.scenario.error_seconds)
+        finally:
+            errors.end(kind)
+            client.close()
+        self._note(f"{kind} error replies for {self.scenario.error_seconds:.1f}s")
+
+    def _net_fault(self, kind: str) -> None:
+        """A network fault between the workers and the store; it ends by itself."""
+        s, proxy = self.scenario, self.proxy
+        assert proxy is not None
+        self.ledger.record(kind, key="")
+        if kind == "latency":
+            proxy.add_latency(s.latency_ms, s.net_seconds)
+            self._note(f"latency +{s.latency_ms:.0f}ms a chunk for {s.net_seconds:.1f}s")
+        elif kind == "drop":
+            proxy.drop(s.net_seconds)
+            self._note(f"store connections dropped and refused for {s.net_seconds:.1f}s")
+        else:
+            proxy.black_hole(s.blackhole_seconds)
+            self._note(f"store connections black-holed for {s.blackhole_seconds:.1f}s")
 
     def _stop(self, pid: int) -> None:
         """Freeze ``pid``; ``_continue_due`` wakes it, while the other faults go on."""
@@ -538,7 +672,7 @@ class ChaosRun:
     def result(self) -> Result:
         entries = self.ledger.entries()
         keys = {e.key for e in entries if e.kind == "submitted"}
-        report = analyse(entries, keys)
+        report = analyse(entries, keys, result_ttl=self.scenario.result_ttl)
         return Result(
             scenario=self.scenario.name,
             seed=self.scenario.seed,
@@ -548,18 +682,28 @@ class ChaosRun:
             faults=self.faults_done,
             skipped_faults=self.skipped,
             report=report,
-            store_not_done=self._store_not_done(keys),
+            store_not_done=self._store_not_done(keys, entries),
+            sends_refused=sum(1 for e in entries if e.kind == "send_failed"),
             fault_log=self.fault_log,
         )
 
-    def _store_not_done(self, keys: set[str]) -> list[str]:
+    def _store_not_done(self, keys: set[str], entries: list[Entry]) -> list[str]:
+        """Keys whose record is not ``done``; an absent record is fine once ``result_ttl``
+        has passed since the key's last completion (the record ended, as documented)."""
         prefix = self.namespace if self.scenario.framework == "dramatiq" else "idemtask"
+        done_at: dict[str, float] = {}
+        for entry in entries:
+            if entry.kind in ("completed", "replayed"):
+                done_at[entry.key] = max(entry.at, done_at.get(entry.key, 0.0))
+        ended = time.time() - self.scenario.result_ttl + TTL_SLACK
         self.store.start()
         store = RedisStore.from_url(self.store.url, prefix=prefix)
         try:
             not_done = []
             for key in sorted(keys):
                 record = store.inspect(key)
+                if record is None and done_at.get(key, float("inf")) < ended:
+                    continue
                 if record is None or record.state is not State.DONE:
                     not_done.append(f"{key}: {record.state.value if record else 'absent'}")
             return not_done
@@ -572,7 +716,10 @@ class ChaosRun:
                 os.kill(pid, signal.SIGCONT)
         for proc in self.producers + self.workers:
             terminate_session(proc)
-        for server in (self.broker_redis, self.store, self.ledger_server):
+        if self.proxy is not None:
+            self.proxy.close()
+        servers = (self.broker_redis, self.store, self.ledger_server)
+        for server in (*servers, self.refusing_master):
             if server is not None:
                 server.close()
         if self._own_dir:

@@ -11,7 +11,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from idemtask.testing.ledger import EffectLedger
@@ -41,13 +41,26 @@ class Job:
     linger: bool  # sleep between the completion and the ack
     fenced: bool  # also write through the fencing token
     producers: tuple[int, ...]  # which producer submits it, once per entry
+    cpu: bool = False  # spin in pure Python (holding the GIL) instead of sleeping
 
 
-def plan(keys: int, seed: int) -> list[Job]:
+@dataclass(frozen=True, slots=True)
+class Special:
+    """Keys whose bodies are not the usual 5–200 ms sleep: ``long`` of them sleep ``long_ms``
+    (longer than ``result_ttl``), ``cpu`` of them spin for ``cpu_ms`` holding the GIL."""
+
+    long: int = 0
+    long_ms: int = 0
+    cpu: int = 0
+    cpu_ms: int = 0
+
+
+def plan(keys: int, seed: int, special: Special = Special()) -> list[Job]:
     """The seeded workload: ``keys`` jobs of 5–200 ms, each submitted ``SUBMISSIONS`` times.
 
     Each producer submits every key at least once, so duplicates really come from different
-    processes; the third submission goes to a seeded one of them.
+    processes; the third submission goes to a seeded one of them. The ``special`` keys are
+    picked by a seeded draw of their own, so the rest of the plan stays the same per seed.
     """
     rng = random.Random(f"plan-{seed}")
     jobs = []
@@ -62,6 +75,13 @@ def plan(keys: int, seed: int) -> list[Job]:
                 producers=(*range(PRODUCERS), *extra),
             )
         )
+    if special.long + special.cpu > keys:
+        raise ValueError(f"{special.long} long and {special.cpu} CPU bodies in {keys} keys")
+    picked = random.Random(f"special-{seed}").sample(range(keys), special.long + special.cpu)
+    for index in picked[: special.long]:
+        jobs[index] = replace(jobs[index], ms=special.long_ms)
+    for index in picked[special.long :]:
+        jobs[index] = replace(jobs[index], ms=special.cpu_ms, cpu=True)
     return jobs
 
 
@@ -93,19 +113,31 @@ def load_plan(path: Path) -> list[Job]:
     return [Job(**{**item, "producers": tuple(item["producers"])}) for item in raw]
 
 
-def run_body(ledger: EffectLedger, key: str, ms: int, fenced: bool) -> str:
+def run_body(ledger: EffectLedger, key: str, ms: int, fenced: bool, cpu: bool = False) -> str:
     """The task body: half its time, one side effect (and a fenced write), the other half.
 
     Called inside the guard, so ``ledger.body()`` records the key, the attempt and the
     fencing token; a kill lands before, between or after the effects depending on timing.
+    A ``cpu`` body spins instead of sleeping: the lease keeper thread only runs when the
+    interpreter hands it the GIL.
     """
+    wait = spin if cpu else time.sleep
     with ledger.body():
-        time.sleep(ms / 2000)
+        wait(ms / 2000)
         ledger.effect()
         if fenced:
             ledger.fenced_effect()
-        time.sleep(ms / 2000)
+        wait(ms / 2000)
     return key
+
+
+def spin(seconds: float) -> None:
+    """Pure-Python work for ``seconds``: holds the GIL but for the interpreter's switches."""
+    end = time.perf_counter() + seconds
+    count = 0
+    while time.perf_counter() < end:
+        for _ in range(1000):
+            count += 1
 
 
 def linger(ledger: EffectLedger, key: str) -> None:
@@ -121,6 +153,11 @@ def env(name: str, default: str | None = None) -> str:
     if value is None:
         raise RuntimeError(f"{ENV_PREFIX}{name} is not set: start this through the runner")
     return value
+
+
+def result_ttl() -> float:
+    """The workers' ``result_ttl`` (an hour unless the scenario makes it short)."""
+    return float(env("RESULT_TTL", "3600"))
 
 
 def ledger_from_env() -> EffectLedger:
