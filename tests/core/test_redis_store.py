@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -118,7 +119,14 @@ class CommandLog:
             except Exception:
                 return
 
-    def close(self) -> list[dict[str, Any]]:
+    def close(self, last: str = "PING") -> list[dict[str, Any]]:
+        """Stop once the reader has seen ``last``, the caller's final command: stopping
+        earlier could drop the commands still in flight (a busy machine reads them late)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            str(line.get("command", "")).startswith(last) for line in list(self.lines)
+        ):
+            time.sleep(0.01)
         self._stop.set()
         self._monitor.connection.disconnect()
         self._thread.join(timeout=5)
