@@ -18,7 +18,8 @@ from celery_testapp import decisions
 
 from idemtask.store import RedisStore
 from idemtask.store.base import State
-from idemtask.testing.servers import terminate_session
+
+from servers import terminate_session
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow]
 
