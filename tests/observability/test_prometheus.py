@@ -134,7 +134,9 @@ def test_the_dashboard_shows_a_real_worker(
         _load(redis_url, 2)
         text = _scrape(port)
         for decision in ("new", "duplicate", "acquired", "completed", "replayed", "busy",
-                         "deferred", "takeover", "stale_completion", "lease_lost"):  # fmt: skip
+                         "deferred", "takeover", "stale_completion"):  # fmt: skip
+            # (lease_lost too, when the resumed holder's keeper renews before its body ends:
+            # which comes first after SIGCONT is timing, so it is not asserted)
             assert _sample(text, "idemtask_decisions_total", decision=decision) > 0, (
                 decision,
                 log.read_text()[-3000:],
