@@ -82,6 +82,14 @@ def _scrape(port: int) -> str:
     return text
 
 
+def _answers(port: int) -> bool:
+    try:
+        _scrape(port)
+    except OSError:
+        return False
+    return True
+
+
 def _sample(text: str, name: str, **labels: str) -> float:
     """The value of one sample of the exposition ``text`` (0 when absent)."""
     total = 0.0
@@ -201,6 +209,8 @@ def dramatiq_worker(redis_url: str, tmp_path: Path) -> Iterator[int]:
         )  # fmt: skip
     try:
         _wait(lambda: "Worker process is ready" in log.read_text(), 60, "the Dramatiq worker")
+        # Dramatiq's exposition server is a separate fork that may start listening later.
+        _wait(lambda: _answers(port), 60, "Dramatiq's metrics endpoint")
         yield port
     finally:
         terminate_session(proc)
