@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,17 +21,19 @@ class Execution:
     attempt_id: str
     fencing_token: int
     takeover: bool
-    _lost: threading.Event = field(default_factory=threading.Event, repr=False)
+    # Set once by the renewal thread and only read by the body: a plain flag is enough (an
+    # attribute store is atomic), and costs nothing per task, unlike a threading.Event.
+    _lost: bool = field(default=False, repr=False)
     #: The attempt's steps (``idemtask.step``); None when nothing records them (unguarded).
     steps: StepLog | None = field(default=None, repr=False)
 
     @property
     def lease_lost(self) -> bool:
         """True once renewal found another attempt holds the key; stop writing then."""
-        return self._lost.is_set()
+        return self._lost
 
     def mark_lease_lost(self) -> None:
-        self._lost.set()
+        self._lost = True
 
 
 _current: contextvars.ContextVar[Execution | None] = contextvars.ContextVar(

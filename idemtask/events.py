@@ -82,15 +82,17 @@ def emit(
 ) -> None:
     """Log one decision about ``call`` (None for process-wide events such as a renewal) and
     pass it to every observer."""
-    task_name, key = (call.task_name, call.key) if call is not None else ("", "")
-    event = Event(decision, task_name, key, task_id, fields, duration)
     if decision in _WARNINGS:
         level = logging.WARNING
     elif decision is Decision.RENEWED:
         level = logging.DEBUG
     else:
         level = logging.INFO
-    if logger.isEnabledFor(level):
+    logged = logger.isEnabledFor(level)
+    if not logged and not _observers:
+        return  # nobody listens: build nothing (this runs several times per task)
+    task_name, key = (call.task_name, call.key) if call is not None else ("", "")
+    if logged:
         detail = "".join(f" {k}={v}" for k, v in fields.items())
         logger.log(
             level,
@@ -108,6 +110,9 @@ def emit(
                 "idemtask_fields": fields,
             },
         )
+    if not _observers:
+        return
+    event = Event(decision, task_name, key, task_id, fields, duration)
     for observer in tuple(_observers):
         try:
             observer(event)

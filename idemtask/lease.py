@@ -1,5 +1,9 @@
 """One renewal thread per process renews every lease the process holds in one round trip.
 
+It sleeps until the earliest held lease reaches a third of its length, and with nothing
+held for a third of the shortest lease it has seen: a lease taken and dropped within that
+time (a short body) neither wakes it nor costs a renewal.
+
 A lease that renewal finds taken over (or that ran out while the store was unreachable) is
 marked lost, which the body sees as ``idemtask.current().lease_lost``.
 
@@ -60,6 +64,10 @@ class LeaseKeeper:
         # and reads the held leases before it waits again, so a notify would be wasted).
         self._wake_at = -math.inf
         self._retry_at = -math.inf  # while renewals fail: no attempt before this time
+        # How long the keeper waits when it holds nothing: a third of the shortest lease it
+        # has seen, so a lease held meanwhile is never due before the keeper wakes on its
+        # own and ``hold`` need not wake it (bodies shorter than that cost no thread switch).
+        self._idle_wait: float | None = None
         self._failing_since: float | None = None
         self._failures = 0  # consecutive failed round trips
         self.renewals = 0  # round trips made, for metrics and tests
@@ -71,12 +79,15 @@ class LeaseKeeper:
         with self._cond:
             now = time.monotonic()
             self._held[lease.attempt_id] = _Held(lease, on_lost, now)
+            third = lease.lease_ms / 3000
+            if self._idle_wait is None or third < self._idle_wait:
+                self._idle_wait = third
             self._ensure_running()
             # A backoff set for longer leases must not outlast this one's retry cap.
             self._retry_at = min(self._retry_at, now + lease.lease_ms / 6000)
             # Wake the keeper only when this lease is due before it would wake anyway: a
-            # lease as long as the ones held never is, so a busy worker does not switch
-            # threads on every task.
+            # lease as long as the ones held (or last seen, when it idles) never is, so a
+            # busy worker does not switch threads on every task.
             if time.monotonic() + lease.lease_ms / 3000 < self._wake_at:
                 self._cond.notify()
 
@@ -135,7 +146,7 @@ class LeaseKeeper:
 
     def _wait(self) -> float | None:
         if not self._held:
-            return None
+            return self._idle_wait
         now = time.monotonic()
         due_at = min(h.renewed_at + h.lease.lease_ms / 3000 for h in self._held.values())
         return max(max(due_at, self._retry_at) - now, 0.001)

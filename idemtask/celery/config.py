@@ -90,12 +90,13 @@ def _defined_in(task_class: type[Task], value: Any) -> bool:
     return isinstance(qualname, str) and qualname.startswith(f"{task_class.__qualname__}.")
 
 
-def task_identity(task: Task) -> Identity | None:
+def task_identity(task: Task, settings: Settings | None = None) -> Identity | None:
     """The task's identity (name, function, validated policy), or None when it is not
     guarded (``idempotent=False`` or one of Celery's own tasks). Cached on the task class
-    per settings object."""
+    per settings object; pass ``settings`` when the caller has them already."""
     task_class = type(task)
-    settings = app_settings(task.app)
+    if settings is None:
+        settings = app_settings(task.app)
     cached = task_class.__dict__.get("_idemtask_cached")
     if cached is not None and cached[0] is settings:
         identity: Identity | None = cached[1]

@@ -110,6 +110,11 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
     def _guard(self) -> Guard:
         return guard_for(app_settings(self.app))
 
+    def _guarded(self) -> tuple[Identity | None, Guard]:
+        """The identity and the process's guard, from one read of the app's settings."""
+        settings = app_settings(self.app)
+        return task_identity(self, settings), guard_for(settings)
+
     # -- enqueue --------------------------------------------------------------------------
 
     def apply_async(
@@ -128,7 +133,7 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         Extra option: ``idempotency_key="..."`` keys this call by the given string.
         """
         explicit = options.pop(KEY_OPTION, None)
-        identity = self.idemtask_identity()
+        identity, guard = self._guarded()
         if identity is None:
             if explicit is not None:
                 raise ConfigurationError(
@@ -164,7 +169,7 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
             carry(call, message_id, headers)
             if resubmit and int(options.get("retries") or 0) > int(self.request.retries or 0):
                 follow(_attempt_of(message_id), headers)
-        guard, reserve, delay = self._guard(), not passthrough, calls.delay_of(options)
+        reserve, delay = not passthrough, calls.delay_of(options)
         with guard.publishing(
             identity.policy, call, message_id, delay=delay, reserve=reserve
         ) as found:
@@ -202,24 +207,29 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         entry = _Entered(request)
         token = _entered.set((*_entered.get(), entry))
         try:
-            identity = self.idemtask_identity()
+            identity, guard = self._guarded()
             if identity is None:
                 # The tracer already pushed this request; Task.__call__ would push a second
                 # one, which a plain task (whose ``run`` the tracer calls) never sees.
                 return self.run(*args, **kwargs)
-            return self._deliver(identity, entry, args, kwargs)
+            return self._deliver(identity, guard, entry, args, kwargs)
         finally:
             _entered.reset(token)
 
     def _deliver(
-        self, identity: Identity, entry: _Entered, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        identity: Identity,
+        guard: Guard,
+        entry: _Entered,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> Any:
         request = self.request
         eager = bool(request.is_eager)
         policy = inline(identity.policy) if eager else identity.policy
         fields = request.headers if isinstance(request.headers, Mapping) else {}
         call = identity.resolve(fields, request.id, args, kwargs)
-        guard, codec = self._guard(), codec_for(self.app)
+        codec = codec_for(self.app)
         if eager:
             _release_predecessor(request)
         delivery = guard.delivery(policy, call, request.id, codec, follows=followed(fields))

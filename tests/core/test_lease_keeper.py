@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -299,3 +300,36 @@ def _rival(store: RedisStore, key: str) -> Status:
         ttl_ms=60_000,
     )
     return out.status
+
+
+class _CountingCondition(threading.Condition):
+    """Counts how often the keeper thread comes back from waiting."""
+
+    wakeups = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woke = super().wait(timeout)
+        type(self).wakeups += 1
+        return woke
+
+
+def test_short_bodies_do_not_wake_the_keeper_per_task(redis_url: str) -> None:
+    """A worker running bodies far shorter than a third of the lease drops each lease before
+    it is due: the renewal thread must not be switched to once per task."""
+    store = RedisStore.from_url(redis_url)
+    keeper = LeaseKeeper(store)
+    _CountingCondition.wakeups = 0
+    keeper._cond = _CountingCondition()
+    for i in range(1000):
+        lease = _acquire(store, f"short{i}", f"a{i}", 30_000)
+        keeper.hold(lease, lambda: None)
+        keeper.drop(lease.attempt_id)  # a zero-length body: done before the keeper runs
+        store.complete(
+            lease.key,
+            attempt_id=lease.attempt_id,
+            token=lease.token,
+            result=None,
+            result_ttl_ms=60_000,
+        )
+    assert keeper.renewals == 0
+    assert _CountingCondition.wakeups <= 5, _CountingCondition.wakeups
