@@ -315,13 +315,21 @@ def doctor(ctx: click.Context, celery_app: str | None, dramatiq_broker: str | No
 
 
 @main.command()
+@click.option(
+    "--dramatiq",
+    "framework",
+    flag_value="dramatiq",
+    default=True,
+    help="A Dramatiq StubBroker and Worker (the default).",
+)
+@click.option("--celery", "framework", flag_value="celery", help="A Celery worker in-process.")
 @click.option("--redis", "redis_url", help="Run on this Redis instead of the in-process store.")
 @click.pass_context
 @friendly
-def demo(ctx: click.Context, redis_url: str | None) -> None:
+def demo(ctx: click.Context, framework: str, redis_url: str | None) -> None:
     """Watch idemtask decide: duplicates, a replay, a busy copy, a crash and a takeover."""
     from idemtask.demo import run_demo
 
-    ok = run_demo(redis_url or (ctx.find_root().obj or {}).get("redis_url"))
+    ok = run_demo(redis_url or (ctx.find_root().obj or {}).get("redis_url"), framework)
     if not ok:
         ctx.exit(1)
