@@ -19,7 +19,7 @@ import click
 
 from idemtask.config import Settings, resolve_settings
 from idemtask.errors import IdempotencyError
-from idemtask.findings import Finding, Level, has_errors
+from idemtask.findings import Finding, Level, at_or_above
 from idemtask.redact import redact_text
 from idemtask.runtime import open_store
 from idemtask.store.base import Record, State, Store
@@ -294,10 +294,19 @@ def print_findings(findings: list[Finding]) -> None:
 @click.option(
     "--dramatiq", "dramatiq_broker", metavar="MODULE:BROKER", help="A Dramatiq broker to check."
 )
+@click.option(
+    "--fail-level",
+    type=click.Choice([Level.ERROR.value, Level.WARNING.value]),
+    default=Level.ERROR.value,
+    show_default=True,
+    help="Exit 1 when a finding at or above this level exists.",
+)
 @click.pass_context
 @friendly
-def doctor(ctx: click.Context, celery_app: str | None, dramatiq_broker: str | None) -> None:
-    """Check the settings a worker will really use; exit 1 on errors."""
+def doctor(
+    ctx: click.Context, celery_app: str | None, dramatiq_broker: str | None, fail_level: str
+) -> None:
+    """Check the settings a worker will really use; exit 1 on errors (see --fail-level)."""
     if not celery_app and not dramatiq_broker:
         raise Fail("give --celery module:app or --dramatiq module:broker")
     findings: list[Finding] = []
@@ -310,7 +319,7 @@ def doctor(ctx: click.Context, celery_app: str | None, dramatiq_broker: str | No
 
         findings += check_broker(load_object(dramatiq_broker))
     print_findings(findings)
-    if has_errors(findings):
+    if at_or_above(findings, Level(fail_level)):
         ctx.exit(1)
 
 
