@@ -14,7 +14,13 @@ from typing import Any
 from celery import Celery, Task
 
 from idemtask.celery import presets
-from idemtask.celery.config import app_settings, check_task_class, resolve_policy, task_options
+from idemtask.celery.config import (
+    BUILTIN_PREFIX,
+    app_settings,
+    check_task_class,
+    resolve_policy,
+    task_options,
+)
 from idemtask.celery.startup import idempotent_tasks
 from idemtask.config import Settings
 from idemtask.doctor import check_store
@@ -106,7 +112,7 @@ def _unguarded(app: Celery) -> Finding:
 
     unguarded: list[str] = []
     for name, task in sorted(app.tasks.items()):
-        if isinstance(task, IdempotentTask) or name.startswith("celery."):
+        if isinstance(task, IdempotentTask) or name.startswith(BUILTIN_PREFIX):
             continue
         options = task_options(type(task))
         if options.get("idempotent") is False:

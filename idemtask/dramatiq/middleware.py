@@ -99,6 +99,8 @@ class IdempotencyMiddleware(Middleware):
             default_idempotent = (
                 Policy().with_options(given, source="IdempotencyMiddleware").idempotent
             )
+        #: The settings given here, a layer the CLI puts its own flags over.
+        self.arguments: dict[str, Any] = explicit
         self.settings: Settings = resolve_settings(explicit, framework_name="IdempotencyMiddleware")
         self.default_idempotent = default_idempotent
         self.codec: Codec = codec or EncoderCodec()
