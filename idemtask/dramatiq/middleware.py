@@ -194,9 +194,7 @@ class IdempotencyMiddleware(Middleware):
         try:
             call = identity.call(message.args, message.kwargs, explicit=explicit)
         except KeyDerivationError as exc:
-            refused = UnkeyableMessage(str(exc))
-            refused.path = exc.path
-            raise refused from exc
+            raise UnkeyableMessage(exc.message, exc.path) from exc
         carry(call, message.message_id, options)
         return call
 
