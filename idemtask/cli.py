@@ -72,14 +72,16 @@ def _describe(exc: BaseException) -> str:
 @click.option(
     "--redis",
     "redis_url",
-    envvar="IDEMTASK_REDIS_URL",
-    help="Store URL (default: settings, IDEMTASK_REDIS_URL, or the in-process store).",
+    help="Store URL (default: the app's settings, Django settings.IDEMTASK, then "
+    "IDEMTASK_REDIS_URL).",
 )
 @click.option("--prefix", "key_prefix", help="Record key prefix (default: idemtask).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, redis_url: str | None, key_prefix: str | None, debug: bool) -> None:
     """idemtask: idempotent Celery tasks and Dramatiq actors."""
+    # No envvar on --redis: the environment is the lowest layer of settings, below an app's
+    # and Django's, here as in a worker (resolve_settings reads it).
     explicit = {k: v for k, v in (("redis_url", redis_url), ("key_prefix", key_prefix)) if v}
     ctx.obj = explicit
     _setup_django()
@@ -418,14 +420,13 @@ def doctor(
     "--dramatiq",
     "framework",
     flag_value="dramatiq",
-    default=True,
-    help="A Dramatiq StubBroker and Worker (the default).",
+    help="A Dramatiq StubBroker and Worker (the default when Dramatiq is installed).",
 )
 @click.option("--celery", "framework", flag_value="celery", help="A Celery worker in-process.")
 @click.option("--redis", "redis_url", help="Run on this Redis instead of the in-process store.")
 @click.pass_context
 @friendly
-def demo(ctx: click.Context, framework: str, redis_url: str | None) -> None:
+def demo(ctx: click.Context, framework: str | None, redis_url: str | None) -> None:
     """Watch idemtask decide: duplicates, a replay, a busy copy, a crash and a takeover."""
     from idemtask.demo import run_demo
 

@@ -96,8 +96,21 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def run_demo(redis_url: str | None = None, framework: str = "dramatiq") -> bool:
-    """Run the demo of ``framework``; True when every check held."""
+def installed_framework() -> str:
+    """The framework a demo runs when none is named: the first of ``FRAMEWORKS`` installed."""
+    for module in FRAMEWORKS:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        return module
+    extras = " or ".join(f"pip install 'idemtask[{module}]'" for module in FRAMEWORKS)
+    raise ConfigurationError(f"the demo needs Dramatiq or Celery: {extras}")
+
+
+def run_demo(redis_url: str | None = None, framework: str | None = None) -> bool:
+    """Run the demo of ``framework`` (by default one installed); True when every check held."""
+    framework = framework or installed_framework()
     if framework not in FRAMEWORKS:
         raise ConfigurationError(f"no demo for {framework!r}; choose {' or '.join(FRAMEWORKS)}")
     require_extra(framework)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -39,8 +41,8 @@ def filled(redis_url: str) -> RedisStore:
     return store
 
 
-def run(*args: str, input: str | None = None) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args), input=input)
+def run(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), input=input, env=env)
     return result.exit_code, result.output
 
 
@@ -209,3 +211,89 @@ def test_inspect_and_forget_take_the_record_name(filled: RedisStore, redis_url: 
     )
     code, out = run("--redis", redis_url, "forget", "--yes", "idemtask:{done2}")
     assert code == 0 and out.strip() == "forgot done2" and filled.inspect("done2") is None
+
+
+@pytest.mark.celery
+def test_the_environment_ranks_below_the_flag_and_the_app(
+    app_modules: str, redis_url: str, fresh_redis: Callable[..., RedisServer]
+) -> None:
+    """As docs/configuration.md orders the layers: --redis > app settings > environment."""
+    tag = app_modules
+    other = fresh_redis()
+    _record(RedisStore.from_url(redis_url, prefix=tag), "in-app-store")
+    _record(RedisStore.from_url(other.url, prefix=tag), "in-env-store")
+    env = {"IDEMTASK_REDIS_URL": other.url, "IDEMTASK_KEY_PREFIX": tag}
+    code, out = run("list", "-A", f"{tag}_celery:app", env=env)
+    assert code == 0 and out.split()[0] == "in-app-store", out
+    code, out = run("--redis", other.url, "list", "-A", f"{tag}_celery:app", env=env)
+    assert code == 0 and out.split()[0] == "in-env-store", out
+    code, out = run("list", env=env)  # nothing above it: the environment names the store
+    assert code == 0 and out.split()[0] == "in-env-store", out
+
+
+def test_django_settings_rank_above_the_environment(
+    tmp_path: Path, redis_url: str, fresh_redis: Callable[..., RedisServer]
+) -> None:
+    other = fresh_redis()
+    _record(RedisStore.from_url(redis_url), "in-django-store")
+    _record(RedisStore.from_url(other.url), "in-env-store")
+    (tmp_path / "cli_django_settings.py").write_text(
+        f"SECRET_KEY = 'x'\nINSTALLED_APPS = []\nIDEMTASK = {{'redis_url': {redis_url!r}}}\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "cli_django_settings",
+        "IDEMTASK_REDIS_URL": other.url,
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "idemtask", "list"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split()[0] == "in-django-store"
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+
+
+def test_docs_show_the_real_help() -> None:
+    text = DOCS.read_text()
+    start = text.index("```text\n$ idemtask --help\n") + len("```text\n$ idemtask --help\n")
+    shown = text[start : text.index("```", start)]
+    real = CliRunner().invoke(main, ["--help"], prog_name="idemtask", terminal_width=80)
+    assert real.output == shown
+
+
+def _documented_options(section: str) -> list[str]:
+    """The long option names in the first table of a section of docs/cli.md, in order."""
+    text = DOCS.read_text()
+    body = text[text.index(f"## `{section}") :]
+    table = body[body.index("| option |") :].split("\n\n")[0]
+    names = []
+    for row in table.splitlines()[2:]:
+        first = row.split("|")[1]
+        names.append(next(word for word in first.replace("`", " ").split() if word[:2] == "--"))
+    return names
+
+
+@pytest.mark.parametrize(
+    "command,section",
+    [
+        ("inspect", "idemtask inspect KEY"),
+        ("list", "idemtask list"),
+        ("forget", "idemtask forget KEY"),
+        ("stats", "idemtask stats"),
+        ("doctor", "idemtask doctor"),
+        ("demo", "idemtask demo"),
+    ],
+)
+def test_docs_list_each_commands_options_in_the_real_order(command: str, section: str) -> None:
+    params = main.commands[command].params  # type: ignore[attr-defined]
+    real = [
+        next(o for o in p.opts if o.startswith("--")) for p in params if isinstance(p, click.Option)
+    ]
+    assert _documented_options(section) == real

@@ -73,25 +73,40 @@ BLOCKED = textwrap.dedent(
 
     class Missing:
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == {module!r}:
+            if name.split(".")[0] in {blocked!r}:
                 raise ModuleNotFoundError(f"No module named {{name!r}}")
             return None
 
     sys.meta_path.insert(0, Missing())
     from idemtask.cli import main
-    main(["demo", "--{module}"], prog_name="idemtask")
+    main({argv!r}, prog_name="idemtask")
     """
 )
 
 
+def without(blocked: list[str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run the command in a Python where the ``blocked`` packages cannot be imported."""
+    script = BLOCKED.format(blocked=blocked, argv=list(argv))
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+
+
 @pytest.mark.parametrize("module,name", [("celery", "Celery"), ("dramatiq", "Dramatiq")])
 def test_a_demo_without_its_framework_names_the_extra(module: str, name: str) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", BLOCKED.format(module=module)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = without([module], "demo", f"--{module}")
     assert out.returncode == 2
     assert out.stderr == f"error: the {name} demo needs {name}: pip install 'idemtask[{module}]'\n"
     assert out.stdout == ""
+
+
+def test_the_default_demo_runs_the_framework_installed() -> None:
+    out = without(["dramatiq"], "demo")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "a Celery worker, idemtask's store on the embedded" in out.stdout
+    neither = without(["dramatiq", "celery"], "demo")
+    assert neither.returncode == 2
+    assert neither.stderr == (
+        "error: the demo needs Dramatiq or Celery: pip install 'idemtask[dramatiq]' or "
+        "pip install 'idemtask[celery]'\n"
+    )
