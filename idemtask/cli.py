@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -19,7 +19,7 @@ import click
 
 from idemtask.config import Settings, resolve_settings
 from idemtask.errors import IdempotencyError
-from idemtask.findings import Finding, Level, has_errors
+from idemtask.findings import Finding, Level, at_or_above
 from idemtask.redact import redact_text
 from idemtask.runtime import open_store
 from idemtask.store.base import Record, State, Store
@@ -72,14 +72,16 @@ def _describe(exc: BaseException) -> str:
 @click.option(
     "--redis",
     "redis_url",
-    envvar="IDEMTASK_REDIS_URL",
-    help="Store URL (default: settings, IDEMTASK_REDIS_URL, or the in-process store).",
+    help="Store URL (default: the app's settings, Django settings.IDEMTASK, then "
+    "IDEMTASK_REDIS_URL).",
 )
 @click.option("--prefix", "key_prefix", help="Record key prefix (default: idemtask).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, redis_url: str | None, key_prefix: str | None, debug: bool) -> None:
     """idemtask: idempotent Celery tasks and Dramatiq actors."""
+    # No envvar on --redis: the environment is the lowest layer of settings, below an app's
+    # and Django's, here as in a worker (resolve_settings reads it).
     explicit = {k: v for k, v in (("redis_url", redis_url), ("key_prefix", key_prefix)) if v}
     ctx.obj = explicit
     _setup_django()
@@ -102,22 +104,82 @@ def _setup_django() -> None:
         raise Fail(f"DJANGO_SETTINGS_MODULE is set but Django could not start: {exc}") from exc
 
 
-def _settings(ctx: click.Context) -> Settings:
+def app_options(fn: F) -> F:
+    """``-A/--celery MODULE:APP`` and ``--dramatiq MODULE:BROKER``: read the store settings
+    from that app or broker, as its workers do."""
+    fn = click.option(
+        "--dramatiq",
+        "dramatiq_broker",
+        metavar="MODULE:BROKER",
+        help="A Dramatiq broker whose IdempotencyMiddleware settings name the store.",
+    )(fn)
+    fn = click.option(
+        "-A",
+        "--celery",
+        "celery_app",
+        metavar="MODULE:APP",
+        help="A Celery app whose app.conf.idemtask names the store.",
+    )(fn)
+    return fn
+
+
+def _app_layer(
+    celery_app: str | None, dramatiq_broker: str | None
+) -> tuple[str, Mapping[str, Any]]:
+    """The settings layer of the app or broker named on the command line, and its name."""
+    if celery_app and dramatiq_broker:
+        raise Fail("give --celery or --dramatiq, not both")
+    if celery_app:
+        from idemtask.celery.config import CONF_NAME, app_conf
+
+        return f"app.conf.{CONF_NAME} of {celery_app}", app_conf(load_object(celery_app))
+    if dramatiq_broker:
+        from idemtask.dramatiq import IdempotencyMiddleware
+
+        broker = load_object(dramatiq_broker)
+        ours = [m for m in broker.middleware if isinstance(m, IdempotencyMiddleware)]
+        if not ours:
+            raise Fail(f"{dramatiq_broker} has no IdempotencyMiddleware")
+        return f"IdempotencyMiddleware of {dramatiq_broker}", ours[0].arguments
+    return "framework config", {}
+
+
+def _settings(
+    ctx: click.Context, celery_app: str | None = None, dramatiq_broker: str | None = None
+) -> Settings:
+    """Explicit flags over the app's or broker's settings over Django over the environment."""
+    name, layer = _app_layer(celery_app, dramatiq_broker)
     try:
-        return resolve_settings(ctx.find_root().obj or {})
+        return resolve_settings(ctx.find_root().obj or {}, layer, framework_name=name)
     except IdempotencyError as exc:
         raise Fail(str(exc)) from exc
 
 
-def _store(ctx: click.Context) -> Store:
-    settings = _settings(ctx)
+def _store(
+    ctx: click.Context, celery_app: str | None = None, dramatiq_broker: str | None = None
+) -> tuple[Store, Settings]:
+    settings = _settings(ctx, celery_app, dramatiq_broker)
     if settings.uses_memory_store:
+        given = celery_app or dramatiq_broker
+        named = f"{given}'s settings name no redis_url; " if given else ""
         raise Fail(
-            "no store configured: pass --redis redis://host:6379/0 or set IDEMTASK_REDIS_URL"
+            f"no store configured: {named}pass --redis redis://host:6379/0 or set "
+            "IDEMTASK_REDIS_URL"
         )
     store = open_store(settings)
     store.ping()
-    return store
+    return store, settings
+
+
+def record_key(name: str, prefix: str) -> str:
+    """The key in ``name``: the bare key, or the record's name ``<prefix>:{<key>}`` as
+    ``list`` and ``redis-cli`` show it."""
+    head, brace, rest = name.partition(":{")
+    if not brace or not rest.endswith("}"):
+        return name
+    if head != prefix:
+        raise Fail(f"{name} is a record of prefix {head!r}, not {prefix!r}: pass --prefix {head}")
+    return rest[:-1]
 
 
 def _time(ms: int) -> str:
@@ -153,11 +215,20 @@ def _record_lines(record: Record) -> Iterator[str]:
 @main.command()
 @click.argument("key")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as JSON.")
+@app_options
 @click.pass_context
 @friendly
-def inspect(ctx: click.Context, key: str, as_json: bool) -> None:
-    """Show the record for KEY."""
-    record = _store(ctx).inspect(key)
+def inspect(
+    ctx: click.Context,
+    key: str,
+    as_json: bool,
+    celery_app: str | None,
+    dramatiq_broker: str | None,
+) -> None:
+    """Show the record for KEY (the key, or the record's name PREFIX:{KEY})."""
+    store, settings = _store(ctx, celery_app, dramatiq_broker)
+    key = record_key(key, settings.key_prefix)
+    record = store.inspect(key)
     if record is None:
         raise Fail(f"no record for key {key}")
     if as_json:
@@ -194,12 +265,21 @@ def _record_dict(record: Record) -> dict[str, Any]:
     help="Only records in this state.",
 )
 @click.option("--limit", default=100, show_default=True, help="Stop after this many records.")
+@app_options
 @click.pass_context
 @friendly
-def list_records(ctx: click.Context, task_name: str | None, state: str | None, limit: int) -> None:
+def list_records(
+    ctx: click.Context,
+    task_name: str | None,
+    state: str | None,
+    limit: int,
+    celery_app: str | None,
+    dramatiq_broker: str | None,
+) -> None:
     """List records (SCAN in batches; never KEYS)."""
     shown = 0
-    for record in _store(ctx).scan():
+    store, _ = _store(ctx, celery_app, dramatiq_broker)
+    for record in store.scan():
         if task_name and record.task_name != task_name:
             continue
         if state and record.state.value != state:
@@ -216,11 +296,19 @@ def list_records(ctx: click.Context, task_name: str | None, state: str | None, l
 @main.command()
 @click.argument("key")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@app_options
 @click.pass_context
 @friendly
-def forget(ctx: click.Context, key: str, yes: bool) -> None:
+def forget(
+    ctx: click.Context,
+    key: str,
+    yes: bool,
+    celery_app: str | None,
+    dramatiq_broker: str | None,
+) -> None:
     """Delete the record for KEY, so the next call runs the task again."""
-    store = _store(ctx)
+    store, settings = _store(ctx, celery_app, dramatiq_broker)
+    key = record_key(key, settings.key_prefix)
     record = store.inspect(key)
     if record is None:
         raise Fail(f"no record for key {key}")
@@ -236,14 +324,18 @@ def forget(ctx: click.Context, key: str, yes: bool) -> None:
 
 @main.command()
 @click.option("--sample", default=10_000, show_default=True, help="Read at most this many records.")
+@app_options
 @click.pass_context
 @friendly
-def stats(ctx: click.Context, sample: int) -> None:
+def stats(
+    ctx: click.Context, sample: int, celery_app: str | None, dramatiq_broker: str | None
+) -> None:
     """Count records by state and by task (sampled on large stores)."""
     by_state: Counter[str] = Counter()
     by_task: Counter[tuple[str, str]] = Counter()
     read = 0
-    for record in _store(ctx).scan():
+    store, _ = _store(ctx, celery_app, dramatiq_broker)
+    for record in store.scan():
         by_state[record.state.value] += 1
         by_task[(record.task_name, record.state.value)] += 1
         read += 1
@@ -290,14 +382,23 @@ def print_findings(findings: list[Finding]) -> None:
 
 
 @main.command()
-@click.option("--celery", "celery_app", metavar="MODULE:APP", help="A Celery app to check.")
+@click.option("-A", "--celery", "celery_app", metavar="MODULE:APP", help="A Celery app to check.")
 @click.option(
     "--dramatiq", "dramatiq_broker", metavar="MODULE:BROKER", help="A Dramatiq broker to check."
 )
+@click.option(
+    "--fail-level",
+    type=click.Choice([Level.ERROR.value, Level.WARNING.value]),
+    default=Level.ERROR.value,
+    show_default=True,
+    help="Exit 1 when a finding at or above this level exists.",
+)
 @click.pass_context
 @friendly
-def doctor(ctx: click.Context, celery_app: str | None, dramatiq_broker: str | None) -> None:
-    """Check the settings a worker will really use; exit 1 on errors."""
+def doctor(
+    ctx: click.Context, celery_app: str | None, dramatiq_broker: str | None, fail_level: str
+) -> None:
+    """Check the settings a worker will really use; exit 1 on errors (see --fail-level)."""
     if not celery_app and not dramatiq_broker:
         raise Fail("give --celery module:app or --dramatiq module:broker")
     findings: list[Finding] = []
@@ -310,18 +411,25 @@ def doctor(ctx: click.Context, celery_app: str | None, dramatiq_broker: str | No
 
         findings += check_broker(load_object(dramatiq_broker))
     print_findings(findings)
-    if has_errors(findings):
+    if at_or_above(findings, Level(fail_level)):
         ctx.exit(1)
 
 
 @main.command()
+@click.option(
+    "--dramatiq",
+    "framework",
+    flag_value="dramatiq",
+    help="A Dramatiq StubBroker and Worker (the default when Dramatiq is installed).",
+)
+@click.option("--celery", "framework", flag_value="celery", help="A Celery worker in-process.")
 @click.option("--redis", "redis_url", help="Run on this Redis instead of the in-process store.")
 @click.pass_context
 @friendly
-def demo(ctx: click.Context, redis_url: str | None) -> None:
+def demo(ctx: click.Context, framework: str | None, redis_url: str | None) -> None:
     """Watch idemtask decide: duplicates, a replay, a busy copy, a crash and a takeover."""
     from idemtask.demo import run_demo
 
-    ok = run_demo(redis_url or (ctx.find_root().obj or {}).get("redis_url"))
+    ok = run_demo(redis_url or (ctx.find_root().obj or {}).get("redis_url"), framework)
     if not ok:
         ctx.exit(1)

@@ -1,14 +1,14 @@
-"""``idemtask demo``: a real Dramatiq worker in this process, on the embedded store.
+"""``idemtask demo``: a real worker in this process, on the embedded store, no server needed.
 
-Four things that cause duplicate executions in production happen to one ``charge`` actor,
-and the demo prints what idemtask decided each time, then checks the body ran once per
-order. The broker is Dramatiq's in-process ``StubBroker``; the store is the in-process
+The Dramatiq demo (the default) runs Dramatiq's ``StubBroker`` and a ``Worker``; the Celery
+demo runs a Celery worker on kombu's ``memory://`` transport. Both print every guard decision
+as it happens, then check the body ran once per order. The store is the in-process
 ``MemoryStore`` unless ``--redis URL`` names a real one.
 """
 
 from __future__ import annotations
 
-import logging
+import importlib
 import threading
 import time
 import uuid
@@ -18,14 +18,19 @@ from typing import Any
 
 import click
 
-from idemtask.events import Decision, Event, add_observer, remove_observer
-from idemtask.redact import redact_url
+from idemtask.errors import ConfigurationError
+from idemtask.events import Decision, Event
 
 LEASE = 1.0  # seconds: short, so the crash scenario's lease runs out quickly
+#: The demos, by the extra (and the module) each needs, with the framework's name.
+FRAMEWORKS = {"dramatiq": "Dramatiq", "celery": "Celery"}
+
+#: One check the demo makes: what it promises, and whether it held.
+Check = tuple[str, bool]
 
 
-class _Narrator:
-    """Prints each guard decision as it happens."""
+class Narrator:
+    """Prints each guard decision as it happens and counts them."""
 
     def __init__(self) -> None:
         self.decisions: Counter[str] = Counter()
@@ -46,114 +51,32 @@ class _Narrator:
         )
 
 
-def run_demo(redis_url: str | None = None) -> bool:
-    """Run the scenarios; True when every check held."""
-    import dramatiq
-    from dramatiq.brokers.stub import StubBroker
-    from dramatiq.middleware import Retries
-    from dramatiq.results import Results
-    from dramatiq.results.backends import StubBackend
+def require_extra(module: str) -> None:
+    """Stop with the install line when the framework a demo runs is not installed."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        name = FRAMEWORKS[module]
+        raise ConfigurationError(
+            f"the {name} demo needs {name}: pip install 'idemtask[{module}]'"
+        ) from None
 
-    from idemtask.dramatiq import IdempotencyMiddleware
 
+def demo_settings(redis_url: str | None) -> dict[str, Any]:
+    """idemtask settings for a demo: a short lease; a fresh key prefix on a real Redis."""
     settings: dict[str, Any] = {"lease": LEASE, "result_ttl": 600}
     if redis_url:
         settings["redis_url"] = redis_url
         settings["key_prefix"] = f"idemtask-demo-{uuid.uuid4().hex[:6]}"
-    broker = StubBroker()
-    broker.emit_after("process_boot")
-    broker.add_middleware(Results(backend=StubBackend()))  # type: ignore[no-untyped-call]
-    middleware = IdempotencyMiddleware(**settings)
-    broker.add_middleware(middleware, before=Retries)
-    dramatiq.set_broker(broker)
+    return settings
 
-    runs: Counter[int] = Counter()
-    slow = {3}
 
-    @dramatiq.actor(idempotent=True, idempotency_key=("order_id",), store_results=True)
-    def charge(order_id: int, amount: int) -> dict[str, int]:
-        runs[order_id] += 1
-        click.echo(f"      body: charging order {order_id} {amount} EUR (run {runs[order_id]})")
-        if order_id in slow:
-            time.sleep(1.5)
-        return {"order_id": order_id, "charged": amount}
+def step(title: str) -> None:
+    click.secho(f"\n{title}", bold=True)
 
-    logging.getLogger("dramatiq").setLevel(logging.ERROR)  # skipped copies are expected here
-    narrator = _Narrator()
-    add_observer(narrator)
-    worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=50)
-    worker.start()
-    checks: list[tuple[str, bool]] = []
-    store = middleware.guard.store
-    where = redact_url(redis_url) if redis_url else "the embedded in-process store (MemoryStore)"
-    click.secho(f"idemtask demo: a Dramatiq worker, idemtask's store on {where}\n", bold=True)
 
-    def step(title: str) -> None:
-        click.secho(f"\n{title}", bold=True)
-
-    def result(message: Any) -> Any:
-        return message.get_result(block=True, timeout=15_000)
-
-    def settle() -> None:
-        broker.join(charge.queue_name, timeout=20_000)
-        worker.join()
-
-    try:
-        step("1. A caller retries: charge.send(order_id=1, amount=10) twice")
-        first = charge.send(1, 10)
-        second = charge.send(1, 10)
-        click.echo(f"   first message {first.message_id[:8]}, second {second.message_id[:8]}")
-        value = result(second)
-        click.echo(f"   second handle's result: {value}")
-        settle()
-        same = first.message_id == second.message_id
-        checks.append(("duplicate send returns the original message", same))
-        checks.append(("order 1 charged once", runs[1] == 1))
-
-        step("2. A lost ack: the broker redelivers order 1's completed message")
-        broker.enqueue(first)
-        settle()
-        click.echo(f"   result after the redelivery: {result(first)}")
-        checks.append(("redelivered completed message replayed, not run", runs[1] == 1))
-
-        step("3. A visibility timeout: a copy of a running message is delivered")
-        running = charge.send(3, 30)
-        _wait_for(lambda: runs[3] == 1)
-        broker.enqueue(running)  # the same message again, while the first copy runs
-        settle()
-        click.echo(f"   result: {result(running)}")
-        checks.append(("busy copy deferred, then replayed; order 3 charged once", runs[3] == 1))
-
-        step("4. A worker crashed mid-task: its lease is left behind")
-        crashed = charge.message(4, 40)
-        call = middleware._stamp(crashed)
-        store.acquire(
-            call.key,
-            task_id=crashed.message_id,
-            attempt_id="worker-that-crashed",
-            task_name="charge",
-            fingerprint=call.fingerprint,
-            lease_ms=int(LEASE * 1000),
-            max_deliveries=5,
-            ttl_ms=600_000,
-        )
-        click.echo("   a worker took order 4 (fencing token 1) and died; the broker redelivers")
-        broker.enqueue(crashed)
-        settle()
-        record = store.inspect(call.key)
-        token = record.token if record else 0
-        click.echo(f"   result: {result(crashed)}  (record fencing token now {token})")
-        checks.append(
-            (
-                "crashed holder taken over after its lease; order 4 charged once",
-                runs[4] == 1 and token == 2,
-            )
-        )
-    finally:
-        worker.stop()
-        remove_observer(narrator)
-        broker.close()
-
+def summarize(narrator: Narrator, runs: Counter[int], checks: list[Check]) -> bool:
+    """Print the decisions and the checks; True when every check held."""
     click.secho("\nSummary", bold=True)
     deliveries = sum(
         narrator.decisions[d] for d in ("acquired", "takeover", "replayed", "deferred")
@@ -167,7 +90,34 @@ def run_demo(redis_url: str | None = None) -> bool:
     return all(ok for _, ok in checks)
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
+
+
+def installed_framework() -> str:
+    """The framework a demo runs when none is named: the first of ``FRAMEWORKS`` installed."""
+    for module in FRAMEWORKS:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        return module
+    extras = " or ".join(f"pip install 'idemtask[{module}]'" for module in FRAMEWORKS)
+    raise ConfigurationError(f"the demo needs Dramatiq or Celery: {extras}")
+
+
+def run_demo(redis_url: str | None = None, framework: str | None = None) -> bool:
+    """Run the demo of ``framework`` (by default one installed); True when every check held."""
+    framework = framework or installed_framework()
+    if framework not in FRAMEWORKS:
+        raise ConfigurationError(f"no demo for {framework!r}; choose {' or '.join(FRAMEWORKS)}")
+    require_extra(framework)
+    if framework == "celery":
+        from idemtask.demo_celery import run_celery_demo
+
+        return run_celery_demo(redis_url)
+    from idemtask.demo_dramatiq import run_dramatiq_demo
+
+    return run_dramatiq_demo(redis_url)

@@ -31,5 +31,14 @@ class Finding:
         return f"{text} -> {self.fix}" if self.fix else text
 
 
+#: How bad each level is, for a threshold such as ``idemtask doctor --fail-level``.
+SEVERITY = {Level.OK: 0, Level.WARNING: 1, Level.ERROR: 2}
+
+
 def has_errors(findings: list[Finding]) -> bool:
-    return any(f.level is Level.ERROR for f in findings)
+    return at_or_above(findings, Level.ERROR)
+
+
+def at_or_above(findings: list[Finding], level: Level) -> bool:
+    """Is any finding at least as bad as ``level``?"""
+    return any(SEVERITY[f.level] >= SEVERITY[level] for f in findings)

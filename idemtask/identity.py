@@ -85,6 +85,7 @@ class Identity:
                 version=version,
                 args=call_args,
                 kwargs=call_kwargs,
+                validate_payload=policy.validate_payload,
             )
         return Call(self.task_name, derived.key, derived.fingerprint)
 

@@ -377,10 +377,7 @@ def _encode_other(value: object) -> bytes:
         if not isinstance(dumped, Mapping):
             raise _Unencodable(f"model_dump() returned {_type_name(dumped)}, not a mapping")
         return _encode_mapping(dumped)
-    raise _Unencodable(
-        f"cannot encode value of type {_type_name(value)}; "
-        "pass a JSON-like value or set idempotency_key"
-    )
+    raise _Unencodable(f"cannot encode value of type {_type_name(value)}")
 
 
 _ENCODERS: dict[type, Callable[[Any], bytes]] = {
@@ -413,17 +410,32 @@ def _join_path(root: str, segments: list[str]) -> str:
     return root + tail
 
 
-def canonical_bytes(value: object, path: str = "") -> bytes:
+#: What to do about a value that cannot be encoded, by what it was encoded for.
+KEY_HINT = "pass a JSON-like value or set idempotency_key"
+FINGERPRINT_HINT = (
+    "validate_payload fingerprints every argument, also those the idempotency_key leaves "
+    "out: pass a JSON-like value or set validate_payload=False"
+)
+EXPLICIT_HINT = (
+    "validate_payload fingerprints every argument, even under an explicit idempotency_key: "
+    "pass a JSON-like value or set validate_payload=False"
+)
+FUNCTION_HINT = "the idempotency_key function must return a JSON-like value"
+
+
+def canonical_bytes(value: object, path: str = "", *, hint: str = "") -> bytes:
     """Encode ``value`` so that equal JSON-like values give equal bytes in any process.
 
     ``path`` names ``value`` in error messages; nested values extend it (``order.items[3]``).
+    ``hint`` ends the message of a value that cannot be encoded: what the caller can do.
     """
     try:
         return _encode(value)
     except _Unencodable as err:
-        raise KeyDerivationError(err.message, _join_path(path, err.segments)) from err.__cause__
+        message, where, cause = err.message, _join_path(path, err.segments), err.__cause__
     except RecursionError:
-        raise KeyDerivationError("value is nested too deeply or contains itself", path) from None
+        message, where, cause = "value is nested too deeply or contains itself", path, None
+    raise KeyDerivationError(f"{message}; {hint}" if hint else message, where) from cause
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,40 +659,55 @@ def derive_key(
     version: int = 1,
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
+    validate_payload: bool = True,
 ) -> DerivedKey:
     """Key a call from its bound ``arguments`` (see ``bind_arguments``).
 
-    ``args``/``kwargs`` are the call as made; only a callable ``spec`` uses them.
+    ``args``/``kwargs`` are the call as made; only a callable ``spec`` uses them. Without
+    ``validate_payload`` the arguments a ``spec`` leaves out are not encoded (nor need to
+    be), and the fingerprint is empty.
     """
     _check_spec_shape(spec, task_name)
-    payload = canonical_bytes(arguments)
     if spec is None:
-        material = payload
-    elif isinstance(spec, tuple):
+        material = canonical_bytes(arguments, hint=KEY_HINT)
+        payload: bytes | None = material
+    else:
+        material = _spec_material(task_name, arguments, spec, args, kwargs or {})
+        payload = canonical_bytes(arguments, hint=FINGERPRINT_HINT) if validate_payload else None
+    return DerivedKey(
+        key=_key_digest(_DERIVED, task_name, version, material),
+        fingerprint="" if payload is None else _fingerprint(task_name, payload),
+    )
+
+
+def _spec_material(
+    task_name: str,
+    arguments: Mapping[str, Any],
+    spec: tuple[str, ...] | Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+) -> bytes:
+    """The key material of a tuple of argument names or of a key function."""
+    if isinstance(spec, tuple):
         subset = {}
         for name in spec:
             try:
                 subset[name] = arguments[name]
             except KeyError:
                 raise KeyDerivationError(
-                    f"the idempotency key of {task_name} names {name!r}, "
-                    "which is not among the call's arguments",
+                    f"not among the call's arguments, but the idempotency key of {task_name} "
+                    "names it",
                     name,
                 ) from None
-        material = canonical_bytes(subset)
-    else:
-        function_name = _callable_name(spec)
-        try:
-            value = spec(*args, **(kwargs or {}))
-        except Exception as err:
-            raise KeyDerivationError(
-                f"idempotency key function {function_name} raised {type(err).__name__}: {err}"
-            ) from err
-        material = canonical_bytes(value, f"{function_name}()")
-    return DerivedKey(
-        key=_key_digest(_DERIVED, task_name, version, material),
-        fingerprint=_fingerprint(task_name, payload),
-    )
+        return canonical_bytes(subset, hint=KEY_HINT)
+    function_name = _callable_name(spec)
+    try:
+        value = spec(*args, **kwargs)
+    except Exception as err:
+        raise KeyDerivationError(
+            f"idempotency key function {function_name} raised {type(err).__name__}: {err}"
+        ) from err
+    return canonical_bytes(value, f"{function_name}()", hint=FUNCTION_HINT)
 
 
 def explicit_key(
@@ -700,7 +727,11 @@ def explicit_key(
             f"an explicit idempotency key must be a non-empty string, got {_short_repr(key)}"
         )
     material = key.encode("utf-8", "surrogatepass")
-    fingerprint = "" if arguments is None else _fingerprint(task_name, canonical_bytes(arguments))
+    fingerprint = (
+        ""
+        if arguments is None
+        else _fingerprint(task_name, canonical_bytes(arguments, hint=EXPLICIT_HINT))
+    )
     return DerivedKey(
         key=_key_digest(_EXPLICIT, task_name, version, material),
         fingerprint=fingerprint,

@@ -30,11 +30,17 @@ _settings: weakref.WeakKeyDictionary[Celery, tuple[dict[str, Any], Settings]] = 
 _codecs: dict[str, CelerySerializerCodec] = {}
 
 
-def app_settings(app: Celery) -> Settings:
-    """The app's resolved settings, recomputed only when ``app.conf.idemtask`` changes."""
+def app_conf(app: Celery) -> Mapping[str, Any]:
+    """``app.conf.idemtask``, the app's layer of settings (empty when unset)."""
     raw = app.conf.get(CONF_NAME) or {}
     if not isinstance(raw, Mapping):
         raise ConfigurationError(f"app.conf.{CONF_NAME} must be a dict, got {type(raw).__name__}")
+    return raw
+
+
+def app_settings(app: Celery) -> Settings:
+    """The app's resolved settings, recomputed only when ``app.conf.idemtask`` changes."""
+    raw = app_conf(app)
     with _lock:
         cached = _settings.get(app)
         if cached is not None and cached[0] == raw:

@@ -14,7 +14,13 @@ from typing import Any
 from celery import Celery, Task
 
 from idemtask.celery import presets
-from idemtask.celery.config import app_settings, check_task_class, resolve_policy
+from idemtask.celery.config import (
+    BUILTIN_PREFIX,
+    app_settings,
+    check_task_class,
+    resolve_policy,
+    task_options,
+)
 from idemtask.celery.startup import idempotent_tasks
 from idemtask.config import Settings
 from idemtask.doctor import check_store
@@ -48,6 +54,7 @@ def check_app(app: Celery) -> list[Finding]:
     except ConfigurationError as err:
         return [Finding(Level.ERROR, "celery.config", str(err), "fix app.conf.idemtask")]
     guarded, findings = _policies(app, settings)
+    findings.append(_unguarded(app))
     conf = app.conf
     acks_late = bool(conf.task_acks_late)
     findings += [
@@ -96,6 +103,31 @@ def _policies(app: Celery, settings: Settings) -> tuple[list[_Guarded], list[Fin
             f"{len(guarded)} idempotent task(s), options valid",
         )
     return guarded, [finding]
+
+
+def _unguarded(app: Celery) -> Finding:
+    """idemtask options on a task that is no ``IdempotentTask`` are kept as plain class
+    attributes and never read: the task looks guarded and is not."""
+    from idemtask.celery.task import IdempotentTask
+
+    unguarded: list[str] = []
+    for name, task in sorted(app.tasks.items()):
+        if isinstance(task, IdempotentTask) or name.startswith(BUILTIN_PREFIX):
+            continue
+        options = task_options(type(task))
+        if options.get("idempotent") is False:
+            del options["idempotent"]  # a plain task told to stay plain
+        if options:
+            unguarded.append(f"{name} ({', '.join(sorted(options))})")
+    if unguarded:
+        return Finding(
+            Level.ERROR,
+            "celery.unguarded",
+            "these tasks set idemtask options but are not IdempotentTasks, so nothing guards "
+            "them: " + ", ".join(unguarded),
+            "@app.task(base=IdempotentTask, ...) or Celery(..., task_cls=IdempotentTask)",
+        )
+    return Finding(Level.OK, "celery.unguarded", "every task with idemtask options is guarded")
 
 
 def _acks_late(conf: Any, guarded: list[_Guarded]) -> Finding:

@@ -28,18 +28,19 @@ def check_broker(broker: Broker) -> list[Finding]:
     stack = list(broker.middleware)
     ours = [m for m in stack if isinstance(m, IdempotencyMiddleware)]
     if not ours:
-        return [
-            Finding(
-                Level.ERROR,
-                "dramatiq.middleware",
-                "IdempotencyMiddleware is not registered on this broker; no actor is guarded",
-                "broker.add_middleware(IdempotencyMiddleware(...), before=Retries) before "
-                "declaring actors",
-            )
-        ]
+        missing = Finding(
+            Level.ERROR,
+            "dramatiq.middleware",
+            "IdempotencyMiddleware is not registered on this broker; no actor is guarded",
+            "broker.add_middleware(IdempotencyMiddleware(...), before=Retries) before "
+            "declaring actors",
+        )
+        unguarded = _unguarded(broker, None)
+        return [missing] + ([unguarded] if unguarded.level is not Level.OK else [])
     middleware = ours[0]
     findings.append(_order(stack, middleware))
     findings.append(_actor_options(broker))
+    findings.append(_unguarded(broker, middleware))
     policies = {
         name: policy
         for name in broker.actors
@@ -76,6 +77,39 @@ def _order(stack: list[Any], middleware: IdempotencyMiddleware) -> Finding:
         )
     where = "before Retries" if retries else "(no Retries middleware)"
     return Finding(Level.OK, "dramatiq.middleware_order", f"IdempotencyMiddleware is {where}")
+
+
+def _unguarded(broker: Broker, middleware: IdempotencyMiddleware | None) -> Finding:
+    """Actors whose idemtask options nothing reads: the broker has no IdempotencyMiddleware,
+    or the actor sets options without ``idempotent=True`` (and the middleware's default is
+    not idempotent). An explicit ``idempotent=False`` is a choice, not a slip."""
+    unguarded: list[str] = []
+    for name in sorted(broker.actors):
+        options = broker.actors[name].options
+        ours = sorted(set(options) & set(ACTOR_OPTIONS))
+        if not ours:
+            continue
+        if middleware is None or (
+            "idempotent" not in options and middleware.policy_for(name) is None
+        ):
+            unguarded.append(f"{name} ({', '.join(ours)})")
+    if not unguarded:
+        return Finding(
+            Level.OK, "dramatiq.unguarded", "every actor with idemtask options is guarded"
+        )
+    if middleware is None:
+        why = "the broker has no IdempotencyMiddleware"
+        fix = "broker.add_middleware(IdempotencyMiddleware(...), before=Retries)"
+    else:
+        why = "they are not declared idempotent=True"
+        fix = "idempotent=True on those actors, or IdempotencyMiddleware(default_idempotent=True)"
+    return Finding(
+        Level.ERROR,
+        "dramatiq.unguarded",
+        f"these actors set idemtask options but {why}, so nothing guards them: "
+        + ", ".join(unguarded),
+        fix,
+    )
 
 
 def _actor_options(broker: Broker) -> Finding:

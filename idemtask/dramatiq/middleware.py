@@ -99,6 +99,8 @@ class IdempotencyMiddleware(Middleware):
             default_idempotent = (
                 Policy().with_options(given, source="IdempotencyMiddleware").idempotent
             )
+        #: The settings given here, a layer the CLI puts its own flags over.
+        self.arguments: dict[str, Any] = explicit
         self.settings: Settings = resolve_settings(explicit, framework_name="IdempotencyMiddleware")
         self.default_idempotent = default_idempotent
         self.codec: Codec = codec or EncoderCodec()
@@ -192,9 +194,7 @@ class IdempotencyMiddleware(Middleware):
         try:
             call = identity.call(message.args, message.kwargs, explicit=explicit)
         except KeyDerivationError as exc:
-            refused = UnkeyableMessage(str(exc))
-            refused.path = exc.path
-            raise refused from exc
+            raise UnkeyableMessage(exc.message, exc.path) from exc
         carry(call, message.message_id, options)
         return call
 

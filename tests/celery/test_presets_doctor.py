@@ -108,6 +108,7 @@ def test_doctor_passes_a_preset_applied_app(
     codes = [f.code for f in findings]
     for code in (
         "celery.task_options",
+        "celery.unguarded",
         "celery.acks_late",
         "celery.worker_lost",
         "celery.prefetch",
@@ -177,6 +178,30 @@ def test_doctor_reports_invalid_task_options() -> None:
 
     found = problems(check_app(app))
     assert found["celery.task_options"] is Level.ERROR
+
+
+def test_doctor_finds_idemtask_options_on_a_plain_task() -> None:
+    app = Celery("plain", broker="memory://", backend="cache+memory://", set_as_current=False)
+
+    @app.task(shared=False, name="d.looks_guarded", idempotency_key=("order_id",), lease=30)
+    def looks_guarded(order_id: str) -> None: ...
+
+    @app.task(shared=False, name="d.guarded", base=IdempotentTask, lease=30)
+    def guarded(order_id: str) -> None: ...
+
+    @app.task(shared=False, name="d.plain", idempotent=False)
+    def plain() -> None: ...
+
+    findings = {f.code: f for f in check_app(app)}
+    unguarded = findings["celery.unguarded"]
+    assert unguarded.level is Level.ERROR
+    assert unguarded.message == (
+        "these tasks set idemtask options but are not IdempotentTasks, so nothing guards "
+        "them: d.looks_guarded (idempotency_key, lease)"
+    )
+    assert "base=IdempotentTask" in unguarded.fix
+    clean = _app("memory://", "cache+memory://", {})
+    assert {f.code: f.level for f in check_app(clean)}["celery.unguarded"] is Level.OK
 
 
 SECRET = "s3cr3tPW"

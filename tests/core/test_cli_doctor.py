@@ -195,3 +195,48 @@ def test_cli_errors_print_no_password(tmp_path: Path, ports: tuple[int, int]) ->
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert f"store on redis://:***@127.0.0.1:{live}/0" in demo.stdout
     assert SECRET not in demo.stdout + demo.stderr
+
+
+STUB_BROKER = """
+import dramatiq
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import Retries
+from dramatiq.results import Results
+from dramatiq.results.backends import StubBackend
+from idemtask.dramatiq import IdempotencyMiddleware
+
+broker = StubBroker()
+{results}
+broker.add_middleware(IdempotencyMiddleware(), before=Retries)
+
+@dramatiq.actor(broker=broker, idempotent=True)
+def charge(order_id, amount):
+    return amount
+"""
+
+
+@pytest.mark.dramatiq
+def test_fail_level_warning_fails_on_a_warning_and_passes_a_clean_broker(tmp_path: Path) -> None:
+    (tmp_path / "warned.py").write_text(STUB_BROKER.format(results=""))
+    with_results = "broker.add_middleware(Results(backend=StubBackend(), store_results=True))"
+    (tmp_path / "clean.py").write_text(STUB_BROKER.format(results=with_results))
+    warned = doctor(tmp_path, "--dramatiq", "warned:broker")
+    assert warned.returncode == 0, warned.stdout + warned.stderr
+    assert "[WARNING] dramatiq.results" in warned.stdout and "0 errors, 1 warnings" in warned.stdout
+    assert doctor(tmp_path, "--dramatiq", "warned:broker", "--fail-level", "error").returncode == 0
+    strict = doctor(tmp_path, "--dramatiq", "warned:broker", "--fail-level", "warning")
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+    clean = doctor(tmp_path, "--dramatiq", "clean:broker", "--fail-level", "warning")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "0 errors, 0 warnings" in clean.stdout
+
+
+@pytest.mark.dramatiq
+def test_fail_level_warning_also_fails_on_an_error(tmp_path: Path) -> None:
+    (tmp_path / "erred.py").write_text(
+        STUB_BROKER.format(results="").replace(", before=Retries", "")
+    )
+    out = doctor(tmp_path, "--dramatiq", "erred:broker", "--fail-level", "warning")
+    assert out.returncode == 1 and "[ERROR] dramatiq.middleware_order" in out.stdout, out.stdout
+    bad = doctor(tmp_path, "--dramatiq", "erred:broker", "--fail-level", "info")
+    assert bad.returncode == 2 and "Invalid value for '--fail-level'" in bad.stderr

@@ -634,6 +634,54 @@ def test_path_of_an_object_deep_inside_arguments() -> None:
     assert isinstance(info.value, TypeError)  # callers may already catch TypeError
 
 
+def test_messages_say_the_path_once() -> None:
+    with pytest.raises(KeyDerivationError) as info:
+        derive_key("t", {"order_id": 1, "amount": object()})
+    assert str(info.value) == (
+        "amount: cannot encode value of type object; pass a JSON-like value or set idempotency_key"
+    )
+    with pytest.raises(KeyDerivationError) as info:
+        derive_key("t", {"amount": 1}, spec=("order_id",))
+    assert str(info.value) == (
+        "order_id: not among the call's arguments, but the idempotency key of t names it"
+    )
+    with pytest.raises(KeyDerivationError) as info:
+        derive_key("t", {"index": {(1, object()): 2}})
+    assert str(info.value).count("idempotency_key") == 1
+
+
+def _amount_key(order_id: int, amount: object) -> object:
+    return amount
+
+
+def test_a_fingerprint_that_cannot_be_made_hints_at_validate_payload() -> None:
+    """The key covers order_id alone; the payload fingerprint covers amount too."""
+    arguments = {"order_id": 7, "amount": object()}
+    with pytest.raises(KeyDerivationError) as info:
+        derive_key("t", arguments, spec=("order_id",))
+    assert str(info.value) == (
+        "amount: cannot encode value of type object; validate_payload fingerprints every "
+        "argument, also those the idempotency_key leaves out: pass a JSON-like value or set "
+        "validate_payload=False"
+    )
+    with pytest.raises(KeyDerivationError) as info:
+        explicit_key("t", "order-7", arguments=arguments)
+    assert str(info.value) == (
+        "amount: cannot encode value of type object; validate_payload fingerprints every "
+        "argument, even under an explicit idempotency_key: pass a JSON-like value or set "
+        "validate_payload=False"
+    )
+    unchecked = derive_key("t", arguments, spec=("order_id",), validate_payload=False)
+    assert unchecked.fingerprint == ""
+    assert unchecked.key == derive_key("t", {"order_id": 7, "amount": 1}, spec=("order_id",)).key
+    with pytest.raises(KeyDerivationError) as info:
+        derive_key("t", arguments, spec=_amount_key, args=(7, object()))
+    assert str(info.value) == (
+        "_amount_key(): cannot encode value of type object; the idempotency_key function must "
+        "return a JSON-like value"
+    )
+
+
 def test_path_through_a_dataclass() -> None:
     order = Order(1, [Item("a"), Item("b"), Item("c"), Item("d", extra=lambda: None)])
     with pytest.raises(KeyDerivationError) as info:

@@ -118,6 +118,67 @@ def test_missing_middleware_is_an_error() -> None:
     assert has_errors(findings)
 
 
+def _plain_charge(order_id: int) -> int:
+    return order_id
+
+
+def test_actor_options_without_the_middleware_are_unguarded() -> None:
+    broker = StubBroker()
+    dramatiq.Actor(
+        _plain_charge,
+        broker=broker,
+        actor_name="charge",
+        queue_name="default",
+        priority=0,
+        options={"idempotent": True, "idempotency_key": ("order_id",)},
+    )
+    dramatiq.Actor(
+        _plain_charge, broker=broker, actor_name="plain", queue_name="default", priority=0,
+        options={},
+    )  # fmt: skip
+    findings = check_broker(broker)
+    assert [f.code for f in findings] == ["dramatiq.middleware", "dramatiq.unguarded"]
+    unguarded = findings[1]
+    assert unguarded.level is Level.ERROR
+    assert unguarded.message == (
+        "these actors set idemtask options but the broker has no IdempotencyMiddleware, so "
+        "nothing guards them: charge (idempotency_key, idempotent)"
+    )
+
+
+def test_actor_options_without_idempotent_true_are_unguarded() -> None:
+    broker = StubBroker()
+    broker.add_middleware(IdempotencyMiddleware(), before=Retries)
+
+    @dramatiq.actor(broker=broker, idempotency_key=("order_id",), lease=30)
+    def forgot(order_id: int) -> int:
+        return order_id
+
+    @dramatiq.actor(broker=broker, idempotent=False, lease=30)
+    def opted_out(order_id: int) -> int:
+        return order_id
+
+    @dramatiq.actor(broker=broker, idempotent=True, lease=30)
+    def guarded(order_id: int) -> int:
+        return order_id
+
+    unguarded = next(f for f in check_broker(broker) if f.code == "dramatiq.unguarded")
+    assert unguarded.level is Level.ERROR
+    assert unguarded.message == (
+        "these actors set idemtask options but they are not declared idempotent=True, so "
+        "nothing guards them: forgot (idempotency_key, lease)"
+    )
+    broker = StubBroker()
+    broker.add_middleware(IdempotencyMiddleware(default_idempotent=True), before=Retries)
+
+    @dramatiq.actor(broker=broker, idempotency_key=("order_id",))
+    def by_default(order_id: int) -> int:
+        return order_id
+
+    unguarded = next(f for f in check_broker(broker) if f.code == "dramatiq.unguarded")
+    assert unguarded.level is Level.OK
+
+
 def test_presets_fit_the_lease() -> None:
     preset = presets.at_least_once(lease=45, time_limit=300, result_ttl=30 * 86400)
     assert preset.redis_broker["heartbeat_timeout"] > 45_000

@@ -350,8 +350,13 @@ def test_unkeyable_arguments_refused_at_send(stub_env, counters) -> None:
         counters.hit("take")
 
     env.start()
-    with pytest.raises(KeyDerivationError):
+    with pytest.raises(KeyDerivationError) as refused:
         take.send(object())
+    # The path is said once, as for a Celery call (Dramatiq's error carries it too).
+    assert str(refused.value) == (
+        "x: cannot encode value of type object; pass a JSON-like value or set idempotency_key"
+    )
+    assert refused.value.path == "x"
     with pytest.raises(KeyDerivationError, match="nan"):
         take.send({"a": [1, float("nan")]})
     with pytest.raises(KeyDerivationError):  # through before_enqueue (a group child)
