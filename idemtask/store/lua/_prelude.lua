@@ -60,7 +60,7 @@ local function conflicts(stored_fp, given_fp)
   return given_fp ~= '' and stored_fp and stored_fp ~= '' and stored_fp ~= given_fp
 end
 
--- Make the record terminal in one HDEL and one HSET: the lease, holder, deliveries, result
+-- Make the record terminal in one HSET and one HDEL: the lease, holder, deliveries, result
 -- TTL and created time go (no transition reads them again), 't' and 'f' are packed; 'set'
 -- and 'gone' are the caller's own fields to write and to drop.
 local function finish(key, state, now, t, f, set, gone)
@@ -77,6 +77,8 @@ local function finish(key, state, now, t, f, set, gone)
     add(set, 'F', from_hex(f))
     add(gone, 'f')
   end
-  redis.call('HDEL', key, unpack(gone))
+  -- HSET first: under maxmemory a script's first write is the one refused (OOM), so the
+  -- transition fails whole rather than being let through after a write that frees memory.
   redis.call('HSET', key, unpack(set))
+  redis.call('HDEL', key, unpack(gone))
 end
