@@ -44,7 +44,9 @@ RECORD_FIELDS: dict[str, str] = {
 }
 
 #: What each script answers (a Lua table is a Redis array); ``redis.py`` turns it into an
-#: ``Outcome``. Every script takes KEYS[1] = the record.
+#: ``Outcome``. Every script takes KEYS[1] = the record. Answers are the same for either
+#: layout of a record: the task id comes back as text (``T`` unpacked), ``has_result`` is
+#: ``x`` where an earlier layout stored it, else whether ``r`` is present.
 SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
     "reserve": (
         "ARGV: task_id, task_name, fingerprint, reservation_ms, ttl_ms",
