@@ -36,6 +36,7 @@ def bench_memory(records: int) -> dict[str, Any]:
             store = RedisStore(client)
             one = _api_record(store)
             usage_one = int(client.memory_usage(store.record_name(one), samples=0) or 0)
+            encoding = _text(client.object("encoding", store.record_name(one)))
             client.flushall()
             _api_record(store)  # scripts loaded, connection made
             client.flushall()
@@ -54,13 +55,18 @@ def bench_memory(records: int) -> dict[str, Any]:
         "result_bytes": len(RESULT),
         "memory_usage_one_record": usage_one,
         "memory_usage_beyond_result": usage_one - len(RESULT),
+        "encoding": encoding,  # listpack unless a field outgrew hash-max-listpack-value
         "bulk_sample_memory_usage": sorted(set(sample)),
         "records": records,
         "used_memory_delta": after - before,
         "used_memory_per_record": per_record,
         "used_memory_per_record_beyond_result": per_record - len(RESULT),
-        "fields": [f.decode() if isinstance(f, bytes) else str(f) for f in fields],
+        "fields": [_text(f) for f in fields],
     }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _api_record(store: RedisStore) -> str:

@@ -14,27 +14,39 @@ from typing import Protocol, runtime_checkable
 
 #: The record's hash fields in Redis (``{prefix}:{<key>}``), for readers of the Lua scripts,
 #: ``redis.py`` and ``redis-cli HGETALL``. Times are server milliseconds (Redis ``TIME``).
+#: A finished record (done, failed) keeps only ``s``, the task id, the fingerprint, ``n``,
+#: ``k``, ``u`` and ``r`` or ``e`` (and any ``p:`` steps): the others are dropped by the
+#: transition that finishes it (``finish`` in ``lua/_prelude.lua``), since no later
+#: transition reads them, and the task id and fingerprint are packed (``T``, ``F``) when
+#: they have the usual shape. A small done record then fits a 128-byte listpack.
 RECORD_FIELDS: dict[str, str] = {
     "s": "state: queued, running, done, failed or idle",
-    "t": "task id (the framework's message or task id)",
-    "f": "payload fingerprint ('' or absent: not validated)",
-    "l": "deadline of the lease (running) or of the reservation (queued); 0 when none",
-    "x": "has-result flag, '1' or '0', so a stored null differs from no result",
-    "r": "the encoded result (only when x is '1')",
-    "k": "fencing token, + 1 on every acquire that hands out a lease",
-    "d": "deliveries in a row that took the lease and never reported back",
+    "t": "task id (the framework's message or task id), as text",
+    "T": "finished records: a lowercase UUID task id as its 16 bytes, in place of t",
+    "f": "payload fingerprint as text ('' or absent: not validated)",
+    "F": "finished records: a lowercase hex fingerprint as its raw bytes, in place of f",
+    "l": "deadline of the lease (running) or of the reservation (queued); 0 or absent: none",
+    "r": "the encoded result; present exactly when a result is stored, so a stored null "
+    "differs from no result",
+    "x": "read only, in records finished before the compact layout: has-result flag, "
+    "'1' or '0' (a finished record no longer writes it; r's presence is the flag)",
+    "k": "fencing token, + 1 on every acquire that hands out a lease (kept when finished)",
+    "d": "deliveries in a row that took the lease and never reported back (absent: 0)",
     "e": "error: the terminal or poison error, or the last retryable one",
     "h": "holder: the attempt id of the lease (absent once released or finished)",
     "n": "task name",
-    "c": "created at",
-    "u": "updated at (every transition but renew)",
-    "g": "the result TTL (ms) the record outlives its lease by: set by acquire, read by renew",
+    "c": "created at (absent once finished)",
+    "u": "updated at (every transition but renew; a finished record's is when it finished)",
+    "g": "the result TTL (ms) the record outlives its lease by: set by acquire, read by "
+    "renew; absent once finished",
     "p:": "p:<name>: the encoded value of the body's step <name> (idemtask.step), written by "
     "the holder; in the record's own hash, so its TTL covers it and forget removes it",
 }
 
 #: What each script answers (a Lua table is a Redis array); ``redis.py`` turns it into an
-#: ``Outcome``. Every script takes KEYS[1] = the record.
+#: ``Outcome``. Every script takes KEYS[1] = the record. Answers are the same for either
+#: layout of a record: the task id comes back as text (``T`` unpacked), ``has_result`` is
+#: ``x`` where an earlier layout stored it, else whether ``r`` is present.
 SCRIPT_REPLIES: dict[str, tuple[str, ...]] = {
     "reserve": (
         "ARGV: task_id, task_name, fingerprint, reservation_ms, ttl_ms",

@@ -44,6 +44,14 @@ class _Row:
         """A terminal record lives exactly ``ttl_ms`` more."""
         self.expires_ms = now + ttl_ms
 
+    def finish(self, state: State, now: int, ttl_ms: int) -> None:
+        """Make the record terminal, keeping what a finished record keeps in Redis (``finish``
+        in the scripts): no lease, holder, deliveries, result TTL or created time."""
+        self.state, self.updated_ms = state, now
+        self.holder, self.lease_until_ms, self.deliveries = "", 0, 0
+        self.grace_ms, self.created_ms = 0, 0
+        self.set_ttl(now, ttl_ms)
+
 
 def _conflicts(stored: str, given: str) -> bool:
     return bool(given) and bool(stored) and stored != given
@@ -186,15 +194,15 @@ class MemoryStore:
             else:
                 row = self._rows[key] = _blank(now)
             if row.deliveries >= max_deliveries:
-                row.error = f"poison: {row.deliveries} deliveries ended without a result"
-                row.state, row.holder, row.lease_until_ms, row.updated_ms = State.FAILED, "", 0, now
-                row.set_ttl(now, ttl_ms)
+                deliveries = row.deliveries
+                row.error = f"poison: {deliveries} deliveries ended without a result"
+                row.finish(State.FAILED, now, ttl_ms)
                 self._track(key, row)
                 return Outcome(
                     Status.POISONED,
                     task_id=row.task_id,
                     state=row.state,
-                    deliveries=row.deliveries,
+                    deliveries=deliveries,
                     error=row.error,
                 )
             row.token += 1
@@ -267,10 +275,9 @@ class MemoryStore:
                     state=current.state,
                     result=current.result,
                 )
-            row.state, row.holder, row.error = State.DONE, "", ""
+            row.error = ""
             row.result = None if result is None else StoredResult(result)
-            row.lease_until_ms, row.deliveries, row.updated_ms = 0, 0, now
-            row.set_ttl(now, result_ttl_ms)
+            row.finish(State.DONE, now, result_ttl_ms)
             self._track(key, row)
             return Outcome(Status.COMPLETED, task_id=row.task_id, state=row.state)
 
@@ -294,12 +301,12 @@ class MemoryStore:
                     task_id=current.task_id if current else "",
                     state=current.state if current else None,
                 )
-            row.state = State.FAILED if terminal else State.IDLE
-            row.holder, row.error, row.lease_until_ms, row.deliveries = "", error, 0, 0
-            row.updated_ms = now
+            row.error = error
             if terminal:
-                row.set_ttl(now, ttl_ms)
+                row.finish(State.FAILED, now, ttl_ms)
             else:
+                row.state, row.holder, row.lease_until_ms, row.deliveries = State.IDLE, "", 0, 0
+                row.updated_ms = now
                 row.keep_ttl(now, ttl_ms)
             self._track(key, row)
             return Outcome(Status.RELEASED, task_id=row.task_id, state=row.state)

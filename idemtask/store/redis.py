@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from functools import cache, partial
 from importlib import resources
@@ -530,20 +531,28 @@ def _record(key: str, raw: dict[Any, Any], ttl_ms: int) -> Record:
     return Record(
         key=key,
         state=State(text("s")),
-        task_id=text("t"),
+        task_id=str(uuid.UUID(bytes=_bytes(fields["T"]))) if "T" in fields else text("t"),
         task_name=text("n"),
         holder=text("h"),
         token=number("k"),
         lease_until_ms=number("l"),
-        fingerprint=text("f"),
+        fingerprint=_bytes(fields["F"]).hex() if "F" in fields else text("f"),
         deliveries=number("d"),
-        result=_result(fields.get("x", b"0"), fields.get("r", b"")),
+        result=_result(_has_result(fields), fields.get("r", b"")),
         error=text("e"),
         created_ms=number("c"),
         updated_ms=number("u"),
         ttl_ms=ttl_ms,
         steps=_steps(fields),
     )
+
+
+def _has_result(fields: dict[str, Any]) -> Any:
+    """The has-result flag: ``x`` in records finished before the compact layout, else
+    whether the record holds a result ``r`` at all (as ``has_result`` in the scripts)."""
+    if "x" in fields:
+        return fields["x"]
+    return "1" if "r" in fields else "0"
 
 
 def _bytes(value: Any) -> bytes:

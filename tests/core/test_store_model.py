@@ -178,13 +178,13 @@ def m_acquire(run: Run, key: str, task_id: str, attempt: str, fp: str) -> Expect
     else:
         rec = run.create(key)
     if rec.deliveries >= MAX_DELIVERIES:
-        rec.state, rec.holder, rec.lease_until, rec.updated = State.FAILED, "", ZERO, now
-        rec.error = f"poison: {rec.deliveries} deliveries ended without a result"
-        rec.expires = now + RESULT_TTL_MS
+        deliveries = rec.deliveries
+        rec.error = f"poison: {deliveries} deliveries ended without a result"
+        m_finish(rec, State.FAILED, now)
         return {
             "status": Status.POISONED,
             "task_id": rec.task_id,
-            "deliveries": rec.deliveries,
+            "deliveries": deliveries,
             "error": rec.error,
         }
     rec.token, rec.deliveries = rec.token + 1, rec.deliveries + 1
@@ -221,9 +221,8 @@ def m_complete(run: Run, key: str, attempt: str, token: int, result: bytes | Non
             "state": current.state,
             "result": current.result,
         }
-    rec.state, rec.result, rec.holder, rec.error = State.DONE, result, "", ""
-    rec.lease_until, rec.deliveries, rec.updated = ZERO, 0, run.now
-    rec.expires = run.now + RESULT_TTL_MS
+    rec.result, rec.error = result, ""
+    m_finish(rec, State.DONE, run.now)
     return {"status": Status.COMPLETED, "task_id": rec.task_id}
 
 
@@ -236,12 +235,21 @@ def m_release(run: Run, key: str, attempt: str, token: int, error: str, terminal
             "task_id": current.task_id if current else "",
             "state": current.state if current else None,
         }
-    rec.state = State.FAILED if terminal else State.IDLE
-    rec.holder, rec.error, rec.lease_until, rec.deliveries = "", error, ZERO, 0
-    rec.updated = run.now
-    ends = run.now + RESULT_TTL_MS
-    rec.expires = ends if terminal else rec.expires.later(ends)
+    rec.error = error
+    if terminal:
+        m_finish(rec, State.FAILED, run.now)
+    else:
+        rec.state, rec.holder, rec.lease_until, rec.deliveries = State.IDLE, "", ZERO, 0
+        rec.updated = run.now
+        rec.expires = rec.expires.later(run.now + RESULT_TTL_MS)
     return {"status": Status.RELEASED, "task_id": rec.task_id, "state": rec.state}
+
+
+def m_finish(rec: Rec, state: State, now: Span) -> None:
+    """A terminal record keeps no lease, holder, deliveries, result TTL or created time, and
+    lives exactly the result TTL."""
+    rec.state, rec.updated, rec.expires = state, now, now + RESULT_TTL_MS
+    rec.holder, rec.lease_until, rec.deliveries, rec.grace, rec.created = "", ZERO, 0, 0, ZERO
 
 
 def m_forget(run: Run, key: str) -> Expected:
@@ -593,10 +601,10 @@ def test_redis_store_follows_the_model(redis_url: str) -> None:
 def test_the_scripts_keep_to_the_documented_record() -> None:
     """Every hash field a script reads or writes, and every script, is in the legend."""
     lua = Path(idemtask.store.__file__).parent / "lua"
-    scripts = {path.stem: path.read_text() for path in lua.glob("*.lua") if path.stem[0] != "_"}
-    assert set(scripts) == set(SCRIPT_REPLIES)
+    scripts = {path.stem: path.read_text() for path in lua.glob("*.lua")}
+    assert set(scripts) - {"_prelude"} == set(SCRIPT_REPLIES)
     for name, source in scripts.items():
         code = re.sub(r"--[^\n]*", "", source)
-        used = set(re.findall(r"'([a-z])'", code))  # a one-letter string is a hash field
+        used = set(re.findall(r"'([a-zA-Z])'", code))  # a one-letter string is a hash field
         used |= set(re.findall(r"'([a-z]:)'", code))  # a field prefix: 'p:' .. name
         assert used <= set(RECORD_FIELDS), (name, used - set(RECORD_FIELDS))

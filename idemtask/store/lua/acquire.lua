@@ -2,11 +2,11 @@
 -- max_deliveries, ttl_ms (the result TTL, kept as 'g' for renew). Takes the lease
 -- (token + 1) or says why not.
 local now = now_ms()
-local r = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'l', 'x', 'r', 'k', 'd', 'e')
-local state, tid = r[1], r[2]
+local r = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'l', 'x', 'r', 'k', 'd', 'e', 'T', 'F')
+local state, tid = r[1], task_of(r[2], r[10])
 if state then
-  if conflicts(r[3], ARGV[4]) then return {'conflict', tid} end
-  if state == 'done' then return {'done', tid, r[5] or '0', r[6] or ''} end
+  if conflicts(fingerprint_of(r[3], r[11]), ARGV[4]) then return {'conflict', tid} end
+  if state == 'done' then return {'done', tid, has_result(r[5], r[6]), r[6] or ''} end
   if state == 'failed' then return {'failed', tid, r[9] or ''} end
   local lease_until = tonumber(r[4] or '0')
   if state == 'running' and lease_until > now then return {'busy', tid, lease_until - now} end
@@ -14,8 +14,7 @@ end
 local deliveries = tonumber(r[8] or '0')
 if deliveries >= tonumber(ARGV[6]) then
   local err = 'poison: ' .. deliveries .. ' deliveries ended without a result'
-  redis.call('HSET', KEYS[1], 's', 'failed', 'e', err, 'l', 0, 'u', now)
-  redis.call('HDEL', KEYS[1], 'h')
+  finish(KEYS[1], 'failed', now, r[2], r[3], {'e', err}, {})
   set_ttl(KEYS[1], tonumber(ARGV[7]))
   return {'poisoned', tid, deliveries, err}
 end

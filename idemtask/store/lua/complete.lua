@@ -1,15 +1,13 @@
 -- complete: KEYS[1]=record; ARGV: attempt_id, token, has_result ('1'/'0'), result, ttl_ms.
 -- Only the holder may record; a stale caller gets the current state and result back.
-local r = redis.call('HMGET', KEYS[1], 's', 'h', 'k', 't', 'x', 'r')
+local r = redis.call('HMGET', KEYS[1], 's', 'h', 'k', 't', 'x', 'r', 'T', 'f')
 if r[1] == 'running' and r[2] == ARGV[1] and r[3] == ARGV[2] then
-  redis.call('HSET', KEYS[1], 's', 'done', 'x', ARGV[3], 'l', 0, 'd', 0, 'u', now_ms())
   if ARGV[3] == '1' then
-    redis.call('HSET', KEYS[1], 'r', ARGV[4])
+    finish(KEYS[1], 'done', now_ms(), r[4], r[8], {'r', ARGV[4]}, {'e'})
   else
-    redis.call('HDEL', KEYS[1], 'r')
+    finish(KEYS[1], 'done', now_ms(), r[4], r[8], {}, {'e', 'r'})
   end
-  redis.call('HDEL', KEYS[1], 'h', 'e')
   set_ttl(KEYS[1], tonumber(ARGV[5]))
   return {'completed', r[4]}
 end
-return {'stale', r[4] or '', r[1] or '', r[5] or '0', r[6] or ''}
+return {'stale', task_of(r[4], r[7]) or '', r[1] or '', has_result(r[5], r[6]), r[6] or ''}

@@ -1,11 +1,13 @@
 -- reserve: KEYS[1]=record; ARGV: task_id, task_name, fingerprint, reservation_ms, ttl_ms
 -- absent / idle / expired reservation or lease -> queued (new); otherwise duplicate.
 local now = now_ms()
-local r = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'l', 'x', 'r')
-local state, tid = r[1], r[2]
+local r = redis.call('HMGET', KEYS[1], 's', 't', 'f', 'l', 'x', 'r', 'T', 'F')
+local state, tid = r[1], task_of(r[2], r[7])
 if state then
-  if conflicts(r[3], ARGV[3]) then return {'conflict', tid} end
-  if state == 'done' then return {'duplicate', tid, state, r[5] or '0', r[6] or ''} end
+  if conflicts(fingerprint_of(r[3], r[8]), ARGV[3]) then return {'conflict', tid} end
+  if state == 'done' then
+    return {'duplicate', tid, state, has_result(r[5], r[6]), r[6] or ''}
+  end
   if state == 'failed' then return {'duplicate', tid, state, '0', ''} end
   if (state == 'queued' or state == 'running') and tonumber(r[4] or '0') > now then
     return {'duplicate', tid, state, '0', ''}
