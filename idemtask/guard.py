@@ -486,6 +486,12 @@ class Guard:
         terminal = isinstance(exc, attempt.policy.terminal_exceptions)
         self._release(attempt, _error_text(exc), terminal=terminal, kind=type(exc).__name__)
 
+    def abandon(self, attempt: Attempt, reason: BaseException) -> None:
+        """Give the key back ``idle`` for a body that never ran: why the framework skipped the
+        delivery says nothing about the call, whatever ``terminal_exceptions`` lists."""
+        if attempt.guarded:
+            self._release(attempt, _error_text(reason), terminal=False, kind=type(reason).__name__)
+
     def _release(
         self, attempt: Attempt, error: str, *, terminal: bool, kind: str | None = None
     ) -> None:
@@ -644,9 +650,12 @@ class Delivery:
             self._guard.fail(attempt, exc)
 
     def abandon(self, reason: BaseException) -> None:
-        """The body never ran (another middleware skipped or failed the delivery)."""
-        if not self.ran:
-            self.release(reason)
+        """The body never ran (another middleware skipped or failed the delivery): give the
+        key back ``idle``, so a later delivery runs it; nothing is recorded as its answer."""
+        attempt = self.attempt
+        if attempt is not None and not self.ran and not self.finished:
+            self.finished = True
+            self._guard.abandon(attempt, reason)
 
     def hand_over(self) -> None:
         """Record nothing and keep the key held: a message published with this attempt's id

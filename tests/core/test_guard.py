@@ -350,6 +350,19 @@ def test_an_abandoned_delivery_gives_the_key_back(guard: Guard) -> None:
     assert guard.leases.held() == []
 
 
+def test_an_abandoned_delivery_never_fails_the_key_for_its_reason(guard: Guard) -> None:
+    """The body never ran: the skip's reason says nothing about the call, even when its class
+    is one of ``terminal_exceptions``, so the key goes back idle and the next delivery runs."""
+    c = call()
+    every_error_final = FAST.with_options({"terminal_exceptions": (Exception,)}, source="t")
+    delivery = guard.delivery(every_error_final, c, "t1", CODEC)
+    delivery.decide()
+    delivery.abandon(LookupError("skipped by another middleware"))
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.IDLE
+    assert guard.run(every_error_final, c, "t2", Body("ran"), CODEC) == "ran"
+
+
 def test_an_unencodable_result_is_one_failure_for_every_delivery(guard: Guard) -> None:
     c = call()
     with pytest.raises(TaskFailedError) as original:
