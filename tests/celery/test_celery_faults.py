@@ -1,5 +1,6 @@
 """Celery API paths under real prefork workers: forwarded headers, ``replace()``,
-``retry(throw=False)`` and a result the serializer cannot encode. An idempotent task behaves
+``retry(throw=False)``, a result the serializer cannot encode and one over
+``max_result_bytes``. An idempotent task behaves
 as a plain one except for deduplication and replay."""
 
 from __future__ import annotations
@@ -126,3 +127,28 @@ def test_an_unencodable_result_is_one_failure_for_every_handle(
     assert str(original.value) == str(replayed.value)
     assert "EncodeError" in str(original.value)
     assert runs(counter, "enc") == 1
+
+
+def test_an_oversized_result_is_one_failure_for_every_handle(
+    make_app: Callable[..., Celery],
+    worker_process: Callable[..., object],
+    counter: redis.Redis,
+) -> None:
+    """A result over ``max_result_bytes`` cannot be replayed, so no handle gets it: not the
+    original (Celery's backend would keep a value every redelivery contradicts), and never a
+    silent ``None``. Every handle raises the same error, which says why."""
+    app = make_app()
+    oversized = app.tasks["t.oversized"]
+    worker_process()
+    first = oversized.delay("big")
+    with pytest.raises(TaskFailedError) as original:
+        first.get(timeout=30)
+    assert first.state == "FAILURE"
+    later = app.send_task("t.oversized", args=("big",))
+    with pytest.raises(TaskFailedError) as replayed:
+        later.get(timeout=30)
+    assert later.state == "FAILURE"
+    assert oversized.delay("big").id == first.id
+    assert str(original.value) == str(replayed.value)
+    assert "result not stored (1002 bytes > max_result_bytes=64)" in str(original.value)
+    assert runs(counter, "big") == 1
