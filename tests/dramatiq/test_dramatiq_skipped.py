@@ -67,3 +67,29 @@ def test_a_message_set_aside_after_the_decision_leaves_the_key_idle(
     assert again.message_id != first.message_id
     assert again.get_result(block=True, timeout=5000) == "charged 7"
     assert counters.get("charge") == 1
+
+
+def test_a_message_too_old_to_run_gives_its_reservation_back(
+    stub_env: Any, counters: Any, decisions: Any
+) -> None:
+    """AgeLimit (before idemtask, in Dramatiq's default stack) skips a message idemtask never
+    decided: its ``send`` reservation is given back, so the next call is sent anew instead of
+    getting the dead message until ``reservation_ttl`` ends."""
+    env = stub_env()
+
+    @dramatiq.actor(idempotent=True, store_results=True, max_age=10)
+    def charge(order: int) -> str:
+        counters.hit("charge")
+        return f"charged {order}"
+
+    env.start()
+    first = charge.send_with_options(args=(7,), delay=100)  # older than max_age when it runs
+    env.join()
+    assert counters.get("charge") == 0 and decisions.count("acquired") == 0
+    record = env.middleware.guard.store.inspect(first.options[KEY_OPTION])
+    assert record is not None and record.state is State.IDLE, record
+    again = charge.send_with_options(args=(7,), max_age=60_000)
+    env.join()
+    assert again.message_id != first.message_id
+    assert again.get_result(block=True, timeout=5000) == "charged 7"
+    assert counters.get("charge") == 1
