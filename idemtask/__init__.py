@@ -12,6 +12,7 @@ from idemtask.errors import (
     KeyDerivationError,
     LeaseLostError,
     PoisonMessageError,
+    ResultTooLargeError,
     StoreUnavailable,
     TaskFailedError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "LeaseLostError",
     "PoisonMessageError",
     "Record",
+    "ResultTooLargeError",
     "Step",
     "StepValueError",
     "StoreUnavailable",

@@ -106,6 +106,23 @@ class TaskFailedError(IdempotencyError):
         return f"task {self.task_id} for idempotency key {self.key} failed terminally: {self.error}"
 
 
+class ResultTooLargeError(IdempotencyError, ValueError):
+    """A result encodes larger than ``max_result_bytes``, so the store does not hold it.
+
+    No later delivery could replay it, so the key fails terminally with this error (one key,
+    one answer): every handle raises ``TaskFailedError`` naming it, none gets the value.
+    """
+
+    def __init__(self, key: str, size: int, limit: int) -> None:
+        self.key = key
+        self.size = size
+        self.limit = limit
+        super().__init__(key, size, limit)
+
+    def __str__(self) -> str:
+        return f"result not stored ({self.size} bytes > max_result_bytes={self.limit})"
+
+
 class PoisonMessageError(TaskFailedError):
     """The key was delivered more times than ``max_deliveries`` without finishing."""
 

@@ -29,6 +29,7 @@ from idemtask.errors import (
     KeyDerivationError,
     LeaseLostError,
     PoisonMessageError,
+    ResultTooLargeError,
     StoreUnavailable,
     TaskFailedError,
 )
@@ -116,13 +117,15 @@ class Replay:
     result: StoredResult | None
 
     def value(self, codec: Codec) -> Any:
+        """The stored result; a completion recorded without one (an oversized result, before
+        such results failed the key) has no answer to give, and says so."""
         if self.result is None:
-            logger.warning(
-                "idemtask: task %s key %s completed without a stored result; replaying None",
-                self.call.task_name,
+            raise TaskFailedError(
                 self.call.key,
+                self.task_id,
+                "completed without a stored result (larger than max_result_bytes when it was "
+                "recorded); forget the key to run it again",
             )
-            return None
         return codec.decode(self.result.data)
 
 
@@ -452,8 +455,9 @@ class Guard:
         try:
             data = _encode(codec, value, call, policy.max_result_bytes)
         except Exception as exc:
-            # One key, one answer: a value no handle can be given fails the key for good,
-            # and this delivery answers with the same error every later one replays.
+            # One key, one answer: a value no later handle could be given (the codec refuses
+            # it, or the store would not hold it) fails the key for good, and this delivery
+            # answers with the same error every later one replays.
             error = _error_text(exc)
             self._release(attempt, error, terminal=True)
             raise TaskFailedError(call.key, attempt.task_id, error) from exc
@@ -485,6 +489,12 @@ class Guard:
             return
         terminal = isinstance(exc, attempt.policy.terminal_exceptions)
         self._release(attempt, _error_text(exc), terminal=terminal, kind=type(exc).__name__)
+
+    def abandon(self, attempt: Attempt, reason: BaseException) -> None:
+        """Give the key back ``idle`` for a body that never ran: why the framework skipped the
+        delivery says nothing about the call, whatever ``terminal_exceptions`` lists."""
+        if attempt.guarded:
+            self._release(attempt, _error_text(reason), terminal=False, kind=type(reason).__name__)
 
     def _release(
         self, attempt: Attempt, error: str, *, terminal: bool, kind: str | None = None
@@ -644,9 +654,12 @@ class Delivery:
             self._guard.fail(attempt, exc)
 
     def abandon(self, reason: BaseException) -> None:
-        """The body never ran (another middleware skipped or failed the delivery)."""
-        if not self.ran:
-            self.release(reason)
+        """The body never ran (another middleware skipped or failed the delivery): give the
+        key back ``idle``, so a later delivery runs it; nothing is recorded as its answer."""
+        attempt = self.attempt
+        if attempt is not None and not self.ran and not self.finished:
+            self.finished = True
+            self._guard.abandon(attempt, reason)
 
     def hand_over(self) -> None:
         """Record nothing and keep the key held: a message published with this attempt's id
@@ -663,20 +676,21 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
-def _encode(codec: Codec, value: Any, call: Call, limit: int) -> bytes | None:
-    """The stored form of a result; None when it is over ``limit``. Raises what the codec
-    raises for a value it cannot encode."""
+def _encode(codec: Codec, value: Any, call: Call, limit: int) -> bytes:
+    """The stored form of a result. Raises what the codec raises for a value it cannot
+    encode, and ``ResultTooLargeError`` for one over ``limit``."""
     data = codec.encode(value)
     if len(data) > limit:
         logger.warning(
-            "idemtask: result of %s (key %s) is %d bytes, over max_result_bytes=%d; recorded "
-            "as done without a stored result",
+            "idemtask: result of %s (key %s) is %d bytes, over max_result_bytes=%d; not "
+            "stored, so the key fails terminally (raise max_result_bytes, or return a "
+            "reference to the data instead)",
             call.task_name,
             call.key,
             len(data),
             limit,
         )
-        return None
+        raise ResultTooLargeError(call.key, len(data), limit)
     return data
 
 

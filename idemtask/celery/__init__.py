@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from idemtask.celery import presets
+from idemtask.celery import revoked as _revoked  # noqa: F401 - connects Celery's task_revoked
 from idemtask.celery.doctor import check_app
 from idemtask.celery.startup import validate_app
 from idemtask.celery.task import FINGERPRINT_HEADER, KEY_HEADER, IdempotentTask

@@ -234,13 +234,11 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
             _release_predecessor(request)
         delivery = guard.delivery(policy, call, request.id, codec, follows=followed(fields))
         entry.delivery = delivery
-        ran: list[bool] = []
 
         def body() -> Any:
             value = self.run(*args, **kwargs)
             if isinstance(value, Retry):  # ``return self.retry(throw=False)``: not an answer
                 delivery.release(value)
-            ran.append(True)
             return value
 
         resumed = None if eager else self._resumed(fields, request.id, guard, codec, call)
@@ -255,9 +253,10 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         except Dropped as dropped:
             raise Ignore(str(dropped)) from None
         except LeaseLostError as exc:
-            if eager or not ran:
+            if eager or not _taken_over(exc, delivery, resumed):
                 raise
-            # Another attempt took the key over: deliver its recorded result later.
+            # Another attempt took the key over (found by a step or by the completion):
+            # deliver its recorded result later.
             calls.defer(self, args, kwargs, policy.lease, str(exc))
 
     def on_replace(self, sig: Any) -> Any:
@@ -295,6 +294,12 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
             return None
         resumes = (given.attempt_id, given.token)
         return guard.delivery(identity.policy, given.call, message_id, codec, resumes=resumes)
+
+
+def _taken_over(exc: LeaseLostError, *deliveries: Delivery | None) -> bool:
+    """Whether ``exc`` is the lost lease of one of these deliveries, once its body was called
+    (not an error the body passed on from some other key)."""
+    return any(d is not None and d.ran and d.call.key == exc.key for d in deliveries)
 
 
 def _attempt_of(task_id: str) -> str | None:

@@ -23,7 +23,8 @@ takes every decision):
   ``None``. The ``Delivery`` is the one object the hook hands to the ``fn`` wrapper (a context
   variable of the worker thread): ``delivery.run`` replays, runs the body under the lease, or
   raises the decision's error from the actor, where Retries, Results and dead letters see it
-  (``emit_before`` would swallow it). The after hooks give back a lease whose body never ran.
+  (``emit_before`` would swallow it). The after hooks give back a lease whose body never ran,
+  and the reservation of a message skipped before the hook decided it (AgeLimit).
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ EXPLICIT_KEY_OPTION = "idempotency_key"
 #: by the ``fn`` wrapper, closed by ``after_process_message`` / ``after_skip_message``.
 _delivery: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
     "idemtask_dramatiq_delivery", default=None
+)
+#: The message whose ``before_process_message`` this worker thread ran last: a skipped message
+#: that is not it was set aside before idemtask decided it (AgeLimit, in the default stack).
+_reached: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "idemtask_dramatiq_reached", default=None
 )
 
 
@@ -208,6 +214,7 @@ class IdempotencyMiddleware(Middleware):
         decision is raised by the ``fn`` wrapper.
         """
         _delivery.set(None)
+        _reached.set(message.message_id)
         identity = self._identities.get(message.actor_name)
         if identity is None:
             return
@@ -247,7 +254,18 @@ class IdempotencyMiddleware(Middleware):
         _close(message, exception or RuntimeError("the actor was not called"))
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
+        if _reached.get() != message.message_id:
+            self._unreserve(message)
         _close(message, SkipMessage("skipped by another middleware"))
+
+    def _unreserve(self, message: MessageProxy) -> None:
+        """Give back the reservation of a message skipped before idemtask decided it: no
+        delivery will run it, and until ``reservation_ttl`` ended every duplicate ``send``
+        would get it. Only this message's own reservation is given back."""
+        identity = self._identities.get(message.actor_name)
+        call = identity.carried(message.options, message.message_id) if identity else None
+        if call is not None:
+            self.guard.cancel(call, message.message_id)
 
 
 def _guarded(name: str, inner: Callable[..., Any]) -> Callable[..., Any]:

@@ -36,7 +36,7 @@ from typing import Any
 from dramatiq.middleware import Middleware, Retries, TimeLimit, default_middleware
 
 from idemtask.errors import ConfigurationError
-from idemtask.policy import check_seconds
+from idemtask.policy import Policy, check_seconds
 
 DAY_MS = 86_400_000
 WEEK_MS = 7 * DAY_MS
@@ -114,12 +114,13 @@ def at_least_once(
     ``time_limit`` bounds one run of a body (seconds); ``wait_timeout`` is the idemtask
     setting, only relevant with ``on_running="wait"``.
     """
-    durations = {"lease": lease, "result_ttl": result_ttl, "wait_timeout": wait_timeout}
-    durations.update(min_backoff=min_backoff, max_backoff=max_backoff)
-    for name, seconds in durations.items():
-        check_seconds(name, seconds, source="presets.at_least_once")
-    if lease <= 0 or result_ttl < lease:
-        raise ConfigurationError("lease must be > 0 and result_ttl at least the lease")
+    source = "presets.at_least_once"
+    # idemtask's own values are checked as the middleware will check them: any positive
+    # result_ttl is safe with any lease (docs/architecture.md, "Record lifetime").
+    given = {"lease": lease, "result_ttl": result_ttl, "wait_timeout": wait_timeout}
+    Policy().with_options(given, source=source)
+    for name, seconds in {"min_backoff": min_backoff, "max_backoff": max_backoff}.items():
+        check_seconds(name, seconds, source=source)
     if not math.isfinite(time_limit) or time_limit <= 0:
         raise ConfigurationError(
             "time_limit must be a finite number of seconds: a hung body would renew its "

@@ -1,5 +1,7 @@
 """The Celery test app plus a task whose body runs three steps (``idemtask.step``) and, on
-its first run only, SIGKILLs its prefork child after step 2 is recorded.
+its first run only, SIGKILLs its prefork child after step 2 is recorded; and one whose first
+run waits between its two steps, for the test to freeze it while another delivery takes its
+key over.
 
 Built in-process by ``build_steps_app``, or for worker subprocesses (``celery -A
 celery_steps_app worker``) from the same ``ITEST_*`` variables as ``celery_testapp``. Each
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 from celery import Celery
@@ -36,6 +39,19 @@ def build_steps_app(name: str, **options: Any) -> Celery:
             values[step] = idemtask.step(step, effect, order, step)
             if step == "charge" and client.incr(f"kill:{order}") == 1:
                 os.kill(os.getpid(), signal.SIGKILL)  # after step 2's effect is recorded
+        return values
+
+    @app.task(shared=False, name="s.paused")
+    def paused(order: str) -> dict[str, int]:
+        client = counter()
+        run = int(client.incr(f"runs:{order}"))
+        values = {"reserve": idemtask.step("reserve", effect, order, "reserve")}
+        if run == 1:
+            client.rpush(f"pids:{order}", os.getpid())
+            deadline = time.monotonic() + 60
+            while not client.get(f"resumed:{order}") and time.monotonic() < deadline:
+                time.sleep(0.05)  # the test freezes this process here, then resumes it
+        values["charge"] = idemtask.step("charge", effect, order, "charge")
         return values
 
     return app

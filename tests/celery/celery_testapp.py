@@ -226,6 +226,11 @@ def _register_fault_tasks(app: Celery) -> None:
         counter().incr(f"runs:{token}")
         return object()
 
+    @app.task(shared=False, name="t.oversized", max_result_bytes=64)
+    def oversized(token: str) -> str:
+        counter().incr(f"runs:{token}")
+        return "x" * 1000
+
 
 def _from_environment() -> Celery | None:
     broker = os.environ.get("ITEST_BROKER")

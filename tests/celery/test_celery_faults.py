@@ -1,10 +1,12 @@
 """Celery API paths under real prefork workers: forwarded headers, ``replace()``,
-``retry(throw=False)`` and a result the serializer cannot encode. An idempotent task behaves
+``retry(throw=False)``, a result the serializer cannot encode, one over ``max_result_bytes``
+and a message that expired before it ran. An idempotent task behaves
 as a plain one except for deduplication and replay."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import redis
@@ -126,3 +128,51 @@ def test_an_unencodable_result_is_one_failure_for_every_handle(
     assert str(original.value) == str(replayed.value)
     assert "EncodeError" in str(original.value)
     assert runs(counter, "enc") == 1
+
+
+def test_an_oversized_result_is_one_failure_for_every_handle(
+    make_app: Callable[..., Celery],
+    worker_process: Callable[..., object],
+    counter: redis.Redis,
+) -> None:
+    """A result over ``max_result_bytes`` cannot be replayed, so no handle gets it: not the
+    original (Celery's backend would keep a value every redelivery contradicts), and never a
+    silent ``None``. Every handle raises the same error, which says why."""
+    app = make_app()
+    oversized = app.tasks["t.oversized"]
+    worker_process()
+    first = oversized.delay("big")
+    with pytest.raises(TaskFailedError) as original:
+        first.get(timeout=30)
+    assert first.state == "FAILURE"
+    later = app.send_task("t.oversized", args=("big",))
+    with pytest.raises(TaskFailedError) as replayed:
+        later.get(timeout=30)
+    assert later.state == "FAILURE"
+    assert oversized.delay("big").id == first.id
+    assert str(original.value) == str(replayed.value)
+    assert "result not stored (1002 bytes > max_result_bytes=64)" in str(original.value)
+    assert runs(counter, "big") == 1
+
+
+def test_a_message_expired_before_it_ran_gives_its_reservation_back(
+    make_app: Callable[..., Celery],
+    worker_process: Callable[..., object],
+    counter: redis.Redis,
+) -> None:
+    """Celery acks an expired (or revoked) message without calling the task: its key must
+    not keep answering duplicate calls with that dead handle until ``reservation_ttl``."""
+    app = make_app()
+    record = app.tasks["t.record"]
+    key = record.idemtask_key(("rv",)).key
+    store = record._guard().store
+    worker_process()
+    expired = record.apply_async(("rv",), expires=datetime.now(timezone.utc) - timedelta(1))
+    reserved = store.inspect(key)
+    assert reserved is not None and reserved.task_id == expired.id
+    wait_for(lambda: (store.inspect(key) or reserved).state is State.IDLE, 30, "the release")
+    assert expired.state == "REVOKED"
+    again = record.delay("rv")
+    assert again.id != expired.id
+    assert again.get(timeout=30) == {"token": "rv", "done": 1}
+    assert runs(counter, "rv") == 1

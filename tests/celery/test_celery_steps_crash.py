@@ -1,9 +1,12 @@
 """``idemtask.step`` in a real Celery prefork worker: a child SIGKILLed between step 2 and
-step 3 is redelivered, the redelivery replays steps 1 and 2 and runs only step 3."""
+step 3 is redelivered, the redelivery replays steps 1 and 2 and runs only step 3; a child
+frozen between two steps while another delivery takes its key over defers its message, which
+then replays the answer recorded by the delivery that took over."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -89,3 +92,32 @@ def test_a_child_killed_after_step_two_resumes_at_step_three(
     store.client.close()
     assert record is not None and record.state is State.DONE
     assert sorted(record.steps) == ["charge", "reserve", "write"]
+
+
+def test_a_step_after_a_takeover_defers_instead_of_failing(
+    steps_app: Celery, steps_worker: Callable[[], Path], counter: redis.Redis, urls: Urls
+) -> None:
+    """The frozen holder's next step finds its lease taken over and raises LeaseLostError:
+    its message must not end as FAILURE (a second answer for the key) but be deferred, like
+    a stale completion, and get the value the delivery that took over recorded."""
+    paused = steps_app.tasks["s.paused"]
+    key = paused.idemtask_key(("p1",)).key
+    steps_worker()
+    first = paused.delay("p1")
+    wait_for(lambda: counter.llen("pids:p1") == 1, 30, "the first body to pass step 1")
+    holder = int(counter.lindex("pids:p1", 0) or 0)
+    os.kill(holder, signal.SIGSTOP)  # its lease keeper stops with it
+    try:
+        copy = steps_app.send_task("s.paused", args=("p1",))
+        # Deferred while the lease runs, then it takes the key over and completes.
+        answer = copy.get(timeout=60)
+    finally:
+        counter.set("resumed:p1", 1)
+        os.kill(holder, signal.SIGCONT)
+    assert answer["reserve"] == 1  # step 1 replayed from the frozen holder's record
+    assert first.get(timeout=60) == answer
+    assert first.state == "SUCCESS"
+    seen = decisions(counter, key)
+    print(f"\nstale step: runs={counter.get('runs:p1')} decisions={seen}")
+    assert seen["takeover"] == 1 and seen["completed"] == 1 and seen["replayed"] >= 1
+    assert int(counter.get("effect:p1:reserve") or 0) == 1

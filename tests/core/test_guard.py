@@ -267,13 +267,33 @@ def test_lease_lost_is_visible_to_the_body() -> None:
         assert idemtask.current().lease_lost is True
 
 
-def test_oversized_results_complete_without_a_stored_value(guard: Guard) -> None:
+def test_an_oversized_result_is_one_failure_for_every_delivery(guard: Guard) -> None:
+    """The store cannot hold the value, so no later delivery could replay it: every one,
+    the first included, gets the same error naming the size, never a silent ``None``."""
     c = call()
     policy = FAST.with_options({"max_result_bytes": 10}, source="t")
-    assert guard.run(policy, c, "t1", Body("x" * 100), CODEC) == "x" * 100
+    with pytest.raises(TaskFailedError) as original:
+        guard.run(policy, c, "t1", Body("x" * 100), CODEC)
     replayed = Body("again")
-    assert guard.run(policy, c, "t2", replayed, CODEC) is None
+    with pytest.raises(TaskFailedError) as later:
+        guard.run(policy, c, "t2", replayed, CODEC)
     assert replayed.runs == 0
+    assert str(original.value) == str(later.value)
+    assert "result not stored (102 bytes > max_result_bytes=10)" in str(original.value)
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.FAILED
+
+
+def test_a_completion_recorded_without_a_result_is_not_replayed_as_none(guard: Guard) -> None:
+    """A ``done`` record without a stored result (written before oversized results failed
+    the key) has no answer to replay: a delivery says so instead of returning ``None``."""
+    c = call()
+    attempt = _hold(guard, c)
+    guard.store.complete(
+        c.key, attempt_id=attempt.attempt_id, token=attempt.token, result=None, result_ttl_ms=60_000
+    )
+    with pytest.raises(TaskFailedError, match="without a stored result"):
+        guard.run(FAST, c, "t2", lambda: pytest.fail("a done key must not run again"), CODEC)
 
 
 def test_store_outage_policies(fresh_redis: Callable[..., RedisServer]) -> None:
@@ -348,6 +368,19 @@ def test_an_abandoned_delivery_gives_the_key_back(guard: Guard) -> None:
     record = guard.store.inspect(c.key)
     assert record is not None and record.state is State.IDLE
     assert guard.leases.held() == []
+
+
+def test_an_abandoned_delivery_never_fails_the_key_for_its_reason(guard: Guard) -> None:
+    """The body never ran: the skip's reason says nothing about the call, even when its class
+    is one of ``terminal_exceptions``, so the key goes back idle and the next delivery runs."""
+    c = call()
+    every_error_final = FAST.with_options({"terminal_exceptions": (Exception,)}, source="t")
+    delivery = guard.delivery(every_error_final, c, "t1", CODEC)
+    delivery.decide()
+    delivery.abandon(LookupError("skipped by another middleware"))
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.IDLE
+    assert guard.run(every_error_final, c, "t2", Body("ran"), CODEC) == "ran"
 
 
 def test_an_unencodable_result_is_one_failure_for_every_delivery(guard: Guard) -> None:

@@ -15,6 +15,7 @@ from dramatiq.results.backends import StubBackend
 from idemtask import ConfigurationError
 from idemtask.dramatiq import IdempotencyMiddleware, check_broker, presets
 from idemtask.findings import Level, has_errors
+from idemtask.policy import Policy
 
 pytestmark = pytest.mark.dramatiq
 
@@ -194,6 +195,37 @@ def test_presets_fit_the_lease() -> None:
         presets.at_least_once(time_limit=float("inf"))
     with pytest.raises(ConfigurationError, match="wait_timeout"):
         presets.at_least_once(time_limit=10, wait_timeout=30)
+
+
+def test_presets_take_a_result_ttl_shorter_than_the_lease(stub_env, counters) -> None:
+    """A record outlives every lease on it by ``result_ttl`` (Record lifetime), so any
+    positive ``result_ttl`` is safe with any lease: the preset accepts what the policy
+    accepts, and the middleware runs with its values."""
+    preset = presets.at_least_once(lease=60, time_limit=600, result_ttl=30)
+    assert preset.idemtask == {"lease": 60, "result_ttl": 30}
+    assert preset.redis_broker["dead_message_ttl"] >= 30_000
+    env = stub_env(**preset.idemtask)
+
+    @dramatiq.actor(idempotent=True, store_results=True)
+    def charge(order: int) -> int:
+        counters.hit("charge")
+        return order
+
+    env.start()
+    first = charge.send(5)
+    env.join()
+    assert first.get_result(block=True, timeout=5000) == 5
+    assert charge.send(5).message_id == first.message_id
+    assert counters.get("charge") == 1
+
+
+@pytest.mark.parametrize("given", [{"result_ttl": 0}, {"result_ttl": -1}, {"lease": 0}])
+def test_presets_refuse_what_the_policy_refuses(given: dict[str, float]) -> None:
+    with pytest.raises(ConfigurationError) as by_policy:
+        Policy().with_options(given, source="presets.at_least_once")
+    with pytest.raises(ConfigurationError) as by_preset:
+        presets.at_least_once(**given)
+    assert str(by_preset.value) == str(by_policy.value)
 
 
 SECRET = "s3cr3tPW"

@@ -237,6 +237,32 @@ def test_terminal_exception_is_replayed_without_retries(stub_env, counters) -> N
     assert (counters.get("failed:KeyError"), counters.get("failed:TaskFailedError")) == (1, 1)
 
 
+def test_an_oversized_result_is_one_failure_for_every_handle(stub_env, counters) -> None:
+    """Results never gets a value a redelivery could not replay, nor a silent ``None``: the
+    original, a redelivered copy and a duplicate all fail with the same stated reason."""
+    env = stub_env()
+
+    @dramatiq.actor(idempotent=True, store_results=True, max_retries=3, max_result_bytes=64)
+    def report(name: str) -> str:
+        counters.hit("report")
+        return "x" * 1000
+
+    env.start()
+    message = report.send("q3")
+    env.join()
+    with pytest.raises(ResultFailure) as original:
+        message.get_result(block=True, timeout=5000)
+    assert "result not stored (1002 bytes > max_result_bytes=64)" in str(original.value)
+    env.broker.enqueue(message)  # a redelivered copy replays the same failure, unretried
+    env.join()
+    dead = env.broker.dead_letters
+    assert [m.message_id for m in dead] == [message.message_id] * 2
+    assert all(isinstance(m._exception, TaskFailedError) for m in dead)
+    assert str(dead[0]._exception) == str(dead[1]._exception)
+    assert report.send("q3").message_id == message.message_id
+    assert counters.get("report") == 1
+
+
 def test_busy_key_defers_same_message_without_spending_retries(
     stub_env, counters, decisions
 ) -> None:
