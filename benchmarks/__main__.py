@@ -23,7 +23,7 @@ SECTIONS = ("keys", "memory", "commands", "enqueue", "execute", "steps", "celery
 
 @dataclass(frozen=True)
 class Sizes:
-    celery_calls: int = 1000
+    celery_calls: int = 800
     celery_rounds: int = 5
     dramatiq_calls: int = 1500
     dramatiq_rounds: int = 5
@@ -38,11 +38,11 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(
-    celery_calls=300,
+    celery_calls=200,
     celery_rounds=3,
-    dramatiq_calls=400,
+    dramatiq_calls=300,
     dramatiq_rounds=3,
-    latency_calls=60,
+    latency_calls=40,
     enqueue_calls=300,
     execute_calls=200,
     step_calls=200,
@@ -90,9 +90,14 @@ def run(sizes: Sizes, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "sizes": asdict(sizes)}
     chosen = [name for name in SECTIONS if name in sections]
 
+    seconds: dict[str, float] = {}
+
     def step(name: str, found: Servers | None) -> None:
         print(f"== {name}", file=sys.stderr, flush=True)
+        started = time.monotonic()
         results[name] = runners[name](found, sizes)
+        seconds[name] = time.monotonic() - started
+        print(f"   {name}: {seconds[name]:.0f} s", file=sys.stderr, flush=True)
 
     for name in chosen:
         if name in SERVERLESS:
@@ -102,6 +107,7 @@ def run(sizes: Sizes, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
             for name in chosen:
                 if name not in SERVERLESS:
                     step(name, found)
+    results["section_seconds"] = seconds
     results["machine"]["load_at_end"] = load_average()
     results["machine"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return results
