@@ -111,16 +111,17 @@ def cpu_added(
     return spread(per_cell(runs, added, (variant, baseline), body_ms))
 
 
-def cpu_per_duplicate(runs: Sequence[Record], duplicates: str, unique: str) -> Spread:
-    """Whole-system CPU µs of one duplicate call: the run that sends every call twice minus
-    the run that sends each once, over the number of duplicates."""
+def cpu_per_duplicate(runs: Sequence[Record], duplicates: str) -> Spread:
+    """Whole-system CPU µs of one duplicate call, per run: the publisher's and the servers'
+    CPU while the duplicates alone were sent (the worker stopped), over their number."""
 
-    def per_duplicate(cell: Mapping[str, Record]) -> float:
-        extra = cell[duplicates]["calls"] - cell[unique]["calls"]
-        spent = cell[duplicates]["system_cpu_seconds"] - cell[unique]["system_cpu_seconds"]
-        return float(spent / extra * US)
+    def per_duplicate(run: Record) -> float:
+        spent = run["duplicates_publisher_cpu_seconds"] + sum(
+            run["duplicates_cpu_seconds"].values()
+        )
+        return float(spent / run["duplicates"] * US)
 
-    return spread(per_cell(runs, per_duplicate, (duplicates, unique)))
+    return spread([per_duplicate(r) for r in runs if r["variant"] == duplicates])
 
 
 def publish_us(runs: Sequence[Record], variant: str, field: str = "publish_seconds") -> Spread:
@@ -129,29 +130,24 @@ def publish_us(runs: Sequence[Record], variant: str, field: str = "publish_secon
 
 
 def duplicate_publish_us(
-    runs: Sequence[Record], duplicates: str, unique: str, field: str = "publish_seconds"
+    runs: Sequence[Record], duplicates: str, field: str = "duplicates_publish_seconds"
 ) -> Spread:
-    """Publisher µs per duplicate call: the extra publishing time of the run that sends
-    every call twice, over the number of duplicates."""
-
-    def per_duplicate(cell: Mapping[str, Record]) -> float:
-        extra = cell[duplicates]["calls"] - cell[unique]["calls"]
-        return float((cell[duplicates][field] - cell[unique][field]) / extra * US)
-
-    return spread(per_cell(runs, per_duplicate, (duplicates, unique)))
+    """Publisher wall (or CPU, ``duplicates_publisher_cpu_seconds``) µs per duplicate call."""
+    return spread(
+        [float(r[field] / r["duplicates"] * US) for r in runs if r["variant"] == duplicates]
+    )
 
 
-def duplicate_speedup(runs: Sequence[Record], duplicates: str, unique: str, plain: str) -> Spread:
+def duplicate_speedup(runs: Sequence[Record], duplicates: str, plain: str) -> Spread:
     """How many times faster the publisher is done with a duplicate call than with a plain
-    (real) enqueue, per round and body."""
+    (real) enqueue in the same round and body."""
 
     def speedup(cell: Mapping[str, Record]) -> float:
-        extra = cell[duplicates]["calls"] - cell[unique]["calls"]
-        duplicate = (cell[duplicates]["publish_seconds"] - cell[unique]["publish_seconds"]) / extra
+        dup = cell[duplicates]
         real = cell[plain]["publish_seconds"] / cell[plain]["calls"]
-        return float(real / duplicate) if duplicate > 0 else float("inf")
+        return float(real / (dup["duplicates_publish_seconds"] / dup["duplicates"]))
 
-    return spread(per_cell(runs, speedup, (duplicates, unique, plain)))
+    return spread(per_cell(runs, speedup, (duplicates, plain)))
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,9 @@ def test_every_section_runs_and_the_command_counts_hold(tmp_path: Path) -> None:
             assert all(seconds > 0 for seconds in record["cpu_seconds"].values()), record
         twice = [r for r in runs if r["calls"] == 2 * calls]
         assert len(twice) == len(BODIES_MS), framework  # the duplicates variant, each body
+        # the duplicates were metered on their own, the worker stopped: the servers only
+        assert all(r["duplicates"] == calls for r in twice)
+        assert all(set(r["duplicates_cpu_seconds"]) == {"worker", "broker", "store"} for r in twice)
         assert all(
             len(r["samples_us"]) == TINY.latency_calls for r in results[framework]["latency"]
         )
