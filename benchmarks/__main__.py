@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--json PATH] [--only SECTION ...]``
+"""``python -m benchmarks [--quick] [--json PATH] [--plot PATH] [--only SECTION ...]``
 
 Runs every section, prints the figures next to their targets as a Markdown table and
 writes everything measured (each run of each round, the machine, the load) as JSON.
@@ -10,22 +10,24 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import load_average, machine, servers
+from benchmarks.common import Servers, load_average, machine, servers
 from benchmarks.report import render
 
-SECTIONS = ("keys", "enqueue", "execute", "steps", "commands", "memory", "celery", "dramatiq")
+SECTIONS = ("keys", "memory", "commands", "enqueue", "execute", "steps", "celery", "dramatiq")
 
 
 @dataclass(frozen=True)
 class Sizes:
-    celery_calls: int = 5000
+    celery_calls: int = 800
     celery_rounds: int = 5
-    dramatiq_calls: int = 5000
+    dramatiq_calls: int = 1500
     dramatiq_rounds: int = 5
+    latency_calls: int = 200
     enqueue_calls: int = 2000
     execute_calls: int = 1000
     step_calls: int = 1000
@@ -36,10 +38,11 @@ class Sizes:
 
 FULL = Sizes()
 QUICK = Sizes(
-    celery_calls=1000,
+    celery_calls=200,
     celery_rounds=3,
-    dramatiq_calls=1000,
+    dramatiq_calls=300,
     dramatiq_rounds=3,
+    latency_calls=40,
     enqueue_calls=300,
     execute_calls=200,
     step_calls=200,
@@ -48,40 +51,63 @@ QUICK = Sizes(
     key_loops=500,
 )
 
+#: How each section runs: without servers (``None``) or with the benchmark's two servers.
+Runner = Callable[[Servers | None, Sizes], Any]
 
-def run(sizes: Sizes, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
-    """Every requested section; the return value is what the JSON file holds."""
+
+def _runners() -> dict[str, Runner]:
+    """Imported on use: the end-to-end modules pull in both frameworks."""
     from benchmarks import celery_e2e, commands, dramatiq_e2e, memory, percall, steps
 
+    def served(found: Servers | None) -> Servers:
+        assert found is not None
+        return found
+
+    return {
+        "keys": lambda _, s: percall.bench_keys(number=s.key_loops),
+        "memory": lambda _, s: memory.bench_memory(s.memory_records),
+        "commands": lambda f, s: commands.bench_commands(served(f), s.command_tasks),
+        "enqueue": lambda f, s: percall.bench_enqueue(served(f), s.enqueue_calls),
+        "execute": lambda f, s: percall.bench_execute(served(f), s.execute_calls),
+        "steps": lambda f, s: steps.bench_steps(served(f), s.step_calls),
+        "celery": lambda f, s: celery_e2e.bench_celery(
+            served(f), s.celery_calls, s.celery_rounds, s.latency_calls
+        ),
+        "dramatiq": lambda f, s: dramatiq_e2e.bench_dramatiq(
+            served(f), s.dramatiq_calls, s.dramatiq_rounds, s.latency_calls
+        ),
+    }
+
+
+#: Sections that need no server, run first.
+SERVERLESS = ("keys", "memory")
+
+
+def run(sizes: Sizes, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
+    """Every requested section, in ``SECTIONS`` order (those without servers first); the
+    return value is what the JSON file holds."""
+    runners = _runners()
     results: dict[str, Any] = {"machine": machine(), "sizes": asdict(sizes)}
+    chosen = [name for name in SECTIONS if name in sections]
 
-    def step(name: str) -> bool:
-        if name in sections:
-            print(f"== {name}", file=sys.stderr, flush=True)
-            return True
-        return False
+    seconds: dict[str, float] = {}
 
-    if step("keys"):
-        results["keys"] = percall.bench_keys(number=sizes.key_loops)
-    if step("memory"):
-        results["memory"] = memory.bench_memory(sizes.memory_records)
-    with servers() as found:
-        if step("commands"):
-            results["commands"] = commands.bench_commands(found, sizes.command_tasks)
-        if step("enqueue"):
-            results["enqueue"] = percall.bench_enqueue(found, sizes.enqueue_calls)
-        if step("execute"):
-            results["execute"] = percall.bench_execute(found, sizes.execute_calls)
-        if step("steps"):
-            results["steps"] = steps.bench_steps(found, sizes.step_calls)
-        if step("celery"):
-            results["celery"] = celery_e2e.bench_celery(
-                found, sizes.celery_calls, sizes.celery_rounds
-            )
-        if step("dramatiq"):
-            results["dramatiq"] = dramatiq_e2e.bench_dramatiq(
-                found, sizes.dramatiq_calls, sizes.dramatiq_rounds
-            )
+    def step(name: str, found: Servers | None) -> None:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        results[name] = runners[name](found, sizes)
+        seconds[name] = time.monotonic() - started
+        print(f"   {name}: {seconds[name]:.0f} s", file=sys.stderr, flush=True)
+
+    for name in chosen:
+        if name in SERVERLESS:
+            step(name, None)
+    if any(name not in SERVERLESS for name in chosen):
+        with servers() as found:
+            for name in chosen:
+                if name not in SERVERLESS:
+                    step(name, found)
+    results["section_seconds"] = seconds
     results["machine"]["load_at_end"] = load_average()
     results["machine"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return results
@@ -98,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         "current directory)",
     )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="also draw the throughput ratios against body duration to this PNG (the docs' "
+        "figure is docs/img/benchmark-throughput.png)",
+    )
     options = parser.parse_args(argv)
     sizes = QUICK if options.quick else FULL
     results = run(sizes, tuple(options.only or SECTIONS))
@@ -105,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     options.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(render(results))
     print(f"\nraw figures: {options.json}")
+    if options.plot is not None:
+        from benchmarks.plot import plot_throughput
+
+        if plot_throughput(results, options.plot):
+            print(f"throughput plot: {options.plot}")
     return 0
 
 

@@ -1,12 +1,13 @@
 """The Celery app the end-to-end benchmark publishes to and its worker runs.
 
 One app holds every variant, so one worker process serves them all and every variant runs
-with the same Celery settings (Celery's defaults, JSON, no idemtask presets): what differs
-between them is only the task base class. The worker imports it as
+with the same Celery settings (JSON, and idemtask's ``at_least_once`` preset, which is what
+a deployment that relies on the guard runs: late acks, prefetch 1, STARTED tracked): what
+differs between them is only the task base class. The worker imports it as
 ``celery -A benchmarks.celery_app:app`` with the URLs in ``BENCH_*`` variables.
 
-The trivial body returns its second argument; the first is the run's id, so keys never
-repeat across rounds.
+The body sleeps ``body_ms`` milliseconds (0: not at all) and returns its second argument;
+the first is the run's id, so keys never repeat across rounds.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from celery import Celery, Task
 from celery_once import QueueOnce
 from celery_singleton import Singleton
 
-from idemtask.celery import IdempotentTask
+from benchmarks.body import body
+from idemtask.celery import IdempotentTask, presets
 
 QUEUE = "bench"
 
@@ -59,22 +61,23 @@ def build_app(broker_url: str, backend_url: str, store_url: str) -> tuple[Celery
         # celery-singleton, as its README configures it.
         singleton_backend_url=store_url,
     )
+    presets.apply(app)
 
     @app.task(name="bench.plain")  # type: ignore[untyped-decorator]
-    def plain(run: str, n: int) -> int:
-        return n
+    def plain(run: str, n: int, body_ms: float = 0) -> int:
+        return body(n, body_ms)
 
     @app.task(name="bench.idem", base=IdempotentTask)  # type: ignore[untyped-decorator]
-    def idem(run: str, n: int) -> int:
-        return n
+    def idem(run: str, n: int, body_ms: float = 0) -> int:
+        return body(n, body_ms)
 
     @app.task(name="bench.once", base=QueueOnce)  # type: ignore[untyped-decorator]
-    def once(run: str, n: int) -> int:
-        return n
+    def once(run: str, n: int, body_ms: float = 0) -> int:
+        return body(n, body_ms)
 
     @app.task(name="bench.singleton", base=Singleton)  # type: ignore[untyped-decorator]
-    def singleton(run: str, n: int) -> int:
-        return n
+    def singleton(run: str, n: int, body_ms: float = 0) -> int:
+        return body(n, body_ms)
 
     return app, Tasks(plain, idem, once, singleton)
 

@@ -7,15 +7,17 @@ first or last) and compared as ratios of medians taken in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -44,12 +46,17 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def rounds(variants: Sequence[T], count: int) -> Iterator[tuple[int, T]]:
-    """Every variant once per round, the order rotated by one each round (A B C, B C A, ...),
+def rotated(variants: Sequence[T], index: int) -> list[T]:
+    """The variants in round ``index``'s order: rotated by one each round (A B C, B C A, ...),
     so slow drifts in machine load fall on every variant alike."""
+    shift = index % len(variants) if variants else 0
+    return [*variants[shift:], *variants[:shift]]
+
+
+def rounds(variants: Sequence[T], count: int) -> Iterator[tuple[int, T]]:
+    """Every variant once per round, in :func:`rotated` order."""
     for index in range(count):
-        shift = index % len(variants)
-        for variant in [*variants[shift:], *variants[:shift]]:
+        for variant in rotated(variants, index):
             yield index, variant
 
 
@@ -154,20 +161,34 @@ def command_delta(before: Mapping[str, int], after: Mapping[str, int]) -> Comman
     return delta
 
 
-def wait_results(client: redis.Redis, keys: Sequence[str], timeout: float) -> None:
-    """Return once every key exists. Keys are checked in publish order, 256 at a time, with
-    one EXISTS each, so the polling itself costs next to nothing: tasks finish roughly in
-    the order they were published, and a chunk is only checked again until it is complete."""
+def wait_results(
+    client: redis.Redis,
+    keys: Sequence[str],
+    timeout: float,
+    interval: float = 0.002,
+    finished: Callable[[bytes | None], bool] | None = None,
+) -> None:
+    """Return once every key holds a result: exists, or (with ``finished``) holds a value
+    ``finished`` accepts (Celery stores STARTED under the same key before the result). Until
+    the last key is done only that one is polled, one single-key read per ``interval``;
+    then the rest are checked 256 at a time, so the polling costs the servers next to
+    nothing: tasks finish roughly in the order they were published."""
+
+    def done(chunk: Sequence[str]) -> bool:
+        if finished is None:
+            return int(client.exists(*chunk)) == len(chunk)
+        values: list[Any] = client.mget(chunk)
+        return all(finished(value) for value in values)
+
     deadline = time.monotonic() + timeout
     pending = list(keys)
     while pending:
-        chunk = pending[:256]
-        if client.exists(*chunk) == len(chunk):
+        if done(pending[-1:]) and done(pending[:256]):
             del pending[:256]
             continue
         if time.monotonic() > deadline:
             raise TimeoutError(f"{len(pending)} results still missing after {timeout:.0f}s")
-        time.sleep(0.002)
+        time.sleep(interval)
 
 
 # -------------------------------------------------------------------------------------------
@@ -256,5 +277,15 @@ class WorkerProcess:
             tail = self.log.read_text()[-3000:] if self.log.exists() else ""
             raise RuntimeError(f"the {self.name} worker exited ({self.proc.returncode}):\n{tail}")
 
+    def pause(self) -> None:
+        """SIGSTOP the worker's whole session (parent and pool), so it consumes nothing
+        while the queue fills; :meth:`resume` lets it start."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.resume()  # a stopped process would not act on SIGTERM
         terminate_session(self.proc, grace=30)

@@ -15,15 +15,18 @@ if str(ROOT) not in sys.path:  # `benchmarks` lives at the repository root, besi
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.__main__ import Sizes, main, run  # noqa: E402
+from benchmarks.body import BODIES_MS  # noqa: E402
+from benchmarks.plot import plot_throughput  # noqa: E402
 from benchmarks.report import render, rows  # noqa: E402
 
 pytestmark = [pytest.mark.bench, pytest.mark.celery, pytest.mark.dramatiq, pytest.mark.slow]
 
 TINY = Sizes(
-    celery_calls=40,
+    celery_calls=30,
     celery_rounds=1,
-    dramatiq_calls=40,
+    dramatiq_calls=30,
     dramatiq_rounds=1,
+    latency_calls=5,
     enqueue_calls=20,
     execute_calls=20,
     step_calls=20,
@@ -34,7 +37,7 @@ TINY = Sizes(
 
 
 @pytest.mark.timeout(120)
-def test_every_section_runs_and_the_command_counts_hold() -> None:
+def test_every_section_runs_and_the_command_counts_hold(tmp_path: Path) -> None:
     results = run(TINY)
 
     commands = results["commands"]
@@ -48,21 +51,31 @@ def test_every_section_runs_and_the_command_counts_hold() -> None:
     assert commands["celery-once unique task"]["sent_per_task"] == 2
     assert commands["celery-singleton unique task"]["sent_per_task"] == 2
 
-    # End to end, counted on the store's server across publisher and worker processes.
-    celery = {r["variant"]: r for r in results["celery"]}
-    assert celery["plain Task"]["store_commands_per_task"] == 0
-    assert celery["IdempotentTask, unique keys"]["store_commands_sent"] == {
-        "evalsha": 3 * TINY.celery_calls
-    }
-    half = celery["IdempotentTask, 50% duplicates"]
-    assert half["executed"] == TINY.celery_calls // 2
-    # 3 per executed task, 1 per duplicate call.
-    assert half["store_commands_sent"] == {"evalsha": 3 * half["executed"] + half["executed"]}
-    dramatiq = {r["variant"]: r for r in results["dramatiq"]}
-    assert dramatiq["plain actor"]["store_commands_per_task"] == 0
-    assert dramatiq["IdempotencyMiddleware, unique keys"]["store_commands_sent"] == {
-        "evalsha": 3 * TINY.dramatiq_calls
-    }
+    # End to end, counted on the store's server across publisher and worker processes, at
+    # every body duration: 3 per unique task (reserve, acquire, complete), 1 per duplicate.
+    for framework, calls in (("celery", TINY.celery_calls), ("dramatiq", TINY.dramatiq_calls)):
+        runs = results[framework]["throughput"]
+        assert {r["body_ms"] for r in runs} == set(BODIES_MS), framework
+        for record in runs:
+            if record["role"] == "plain":
+                assert record["store_commands_sent"] == {}, record["variant"]
+            elif record["role"] == "idemtask":
+                duplicates = record["calls"] - calls
+                assert record["executed"] == calls, record["variant"]
+                assert record["store_commands_sent"] == {"evalsha": 3 * calls + duplicates}, record
+            else:  # celery-once, celery-singleton: SET NX at enqueue, DEL when done
+                assert record["store_commands_sent"] == {"set": calls, "del": calls}, record
+            # the publisher and every watched process spent CPU
+            assert record["publisher_cpu_seconds"] > 0, record["variant"]
+            assert all(seconds > 0 for seconds in record["cpu_seconds"].values()), record
+        twice = [r for r in runs if r["calls"] == 2 * calls]
+        assert len(twice) == len(BODIES_MS), framework  # the duplicates variant, each body
+        # the duplicates were metered on their own, the worker stopped: the servers only
+        assert all(r["duplicates"] == calls for r in twice)
+        assert all(set(r["duplicates_cpu_seconds"]) == {"worker", "broker", "store"} for r in twice)
+        assert all(
+            len(r["samples_us"]) == TINY.latency_calls for r in results[framework]["latency"]
+        )
 
     # One step costs one more EVALSHA (its record; token 1 reads nothing) than a plain body.
     steps = results["steps"]["commands"]
@@ -73,8 +86,11 @@ def test_every_section_runs_and_the_command_counts_hold() -> None:
     assert memory["bulk_sample_memory_usage"] == [memory["memory_usage_one_record"]]
 
     table = render(results)
-    assert "IdempotentTask / plain Task throughput" in table
+    assert "IdempotentTask / plain Task throughput, 0 ms body" in table
+    assert "Dramatiq whole-system CPU added per unique task" in table
     assert all(row.figure for row in rows(results))
+    assert plot_throughput(results, tmp_path / "throughput.png")
+    assert (tmp_path / "throughput.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_command_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
