@@ -72,8 +72,9 @@ class AtLeastOnce:
         return f"consumer_timeout = {self.rabbitmq_consumer_timeout_ms}"
 
     @property
-    def idemtask(self) -> dict[str, float]:
-        """Settings for ``IdempotencyMiddleware(...)`` that these values were computed for."""
+    def idemtask(self) -> dict[str, Any]:
+        """Settings for ``IdempotencyMiddleware(...)`` that these values were computed for
+        (typed ``Any`` so ``**preset.idemtask`` type-checks against its keyword arguments)."""
         return {"lease": self.lease, "result_ttl": self.result_ttl}
 
     def time_limit(self) -> TimeLimit:
