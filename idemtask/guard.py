@@ -49,6 +49,7 @@ __all__ = [
     "Existing",
     "Guard",
     "Replay",
+    "busy_delay",
     "final_exceptions",
     "inline",
 ]
@@ -56,10 +57,11 @@ __all__ = [
 logger = logging.getLogger("idemtask")
 
 STORE_RETRY_DELAY = 5.0  # seconds a message waits when the store cannot be reached
-MIN_DEFER_DELAY = 0.25
-# A busy copy comes back at the latest when the holder's lease could have run out, but no
-# later than this: a holder that finishes early should not keep its duplicates waiting long.
-MAX_DEFER_DELAY = 10.0
+#: A busy copy's first look again comes this soon (most holders finish within moments) and
+#: each later one twice as late, up to ``MAX_BUSY_DELAY``: the copy learns of the holder's
+#: end within that much, asking the store at most a few times a second (``busy_delay``).
+MIN_BUSY_DELAY = 0.05
+MAX_BUSY_DELAY = 0.25
 
 #: Errors a retry cannot change: the key failed for good, its payload conflicts, or the
 #: arguments cannot be keyed. Adapters fail such a delivery at once instead of retrying it.
@@ -96,11 +98,17 @@ class Existing:
 
 
 class Deferred(Exception):
-    """Put this message back on the broker to be delivered again after ``delay`` seconds."""
+    """Put this message back on the broker to be delivered again after ``delay`` seconds.
 
-    def __init__(self, delay: float, reason: str) -> None:
+    ``deferrals``: how often the message will have been deferred, this time included; the
+    adapter carries it on the copy it publishes (``identity.count_deferrals``) and hands it
+    back to ``Guard.delivery``, so the copy's next deferral is the next step of
+    ``busy_delay``'s schedule. None: carry the message's count unchanged."""
+
+    def __init__(self, delay: float, reason: str, *, deferrals: int | None = None) -> None:
         self.delay = delay
         self.reason = reason
+        self.deferrals = deferrals
         super().__init__(f"deferred {delay:.2f}s: {reason}")
 
 
@@ -260,17 +268,35 @@ class Guard:
         *,
         follows: str | None = None,
         resumes: tuple[str, int] | None = None,
+        deferrals: int = 0,
     ) -> Delivery:
         """The lifecycle of one delivery, for the adapter to drive.
 
         ``follows``: the attempt id this message was published by (a retry sent while its
         body still runs); ``resumes``: ``(attempt id, token)`` of an attempt that handed its
-        key over to this message (a replacement). See ``begin`` and ``resume``.
+        key over to this message (a replacement); ``deferrals``: how often this message was
+        deferred before (the count a ``Deferred`` hands the adapter to carry). See ``begin``
+        and ``resume``.
         """
-        return Delivery(self, policy, call, task_id, codec, follows=follows, resumes=resumes)
+        return Delivery(
+            self,
+            policy,
+            call,
+            task_id,
+            codec,
+            follows=follows,
+            resumes=resumes,
+            deferrals=deferrals,
+        )
 
     def begin(
-        self, policy: Policy, call: Call, task_id: str, *, follows: str | None = None
+        self,
+        policy: Policy,
+        call: Call,
+        task_id: str,
+        *,
+        follows: str | None = None,
+        deferrals: int = 0,
     ) -> Attempt | Replay:
         """Decide one delivery: an ``Attempt`` to run, or a ``Replay``.
 
@@ -278,13 +304,16 @@ class Guard:
         AlreadyRunningError, TaskFailedError, IdempotencyConflict or StoreUnavailable.
         A message that ``follows`` the attempt still holding the key waits for it, then
         defers, whatever ``on_running`` says: it is that attempt's own continuation, not a
-        duplicate, and dropping or failing it would lose the retry.
+        duplicate, and dropping or failing it would lose the retry. ``deferrals`` (how often
+        the message was deferred before) and the polls of a wait so far place the next look
+        on ``busy_delay``'s schedule.
         """
         deadline = time.monotonic() + policy.wait_timeout
+        tries = deferrals
         while True:
             attempt_id = _attempt_id()
             started = time.perf_counter()
-            outcome = self._acquire(policy, call, task_id, attempt_id)
+            outcome = self._acquire(policy, call, task_id, attempt_id, tries)
             if outcome is None:  # store down, on_store_error="run"
                 return Attempt(call, policy, task_id, attempt_id, 0, False, guarded=False)
             took = time.perf_counter() - started
@@ -293,7 +322,8 @@ class Guard:
             on_running = policy.on_running
             if follows is not None and self._held_by(call, follows):
                 on_running = "wait"
-            time.sleep(self._busy(policy, call, task_id, outcome, deadline, on_running))
+            time.sleep(self._busy(policy, call, task_id, outcome, deadline, tries, on_running))
+            tries += 1
 
     def _held_by(self, call: Call, attempt_id: str) -> bool:
         """Whether the key is held by ``attempt_id`` or by no one any more (it finished since
@@ -311,11 +341,13 @@ class Guard:
         task_id: str,
         outcome: Outcome,
         deadline: float,
+        tries: int,
         on_running: str | None = None,
     ) -> float:
-        """Another attempt holds the key: how long to wait before asking again, or raise."""
+        """Another attempt holds the key: how long to wait before asking again, or raise.
+        ``tries``: how many times this message found it busy before."""
         on_running = on_running or policy.on_running
-        left = max(outcome.lease_left_ms / 1000.0, MIN_DEFER_DELAY)
+        left = max(outcome.lease_left_ms / 1000.0, MIN_BUSY_DELAY)
         holder = outcome.task_id
         emit(
             Decision.BUSY,
@@ -330,14 +362,16 @@ class Guard:
         if on_running == "drop":
             emit(Decision.DROPPED, call, task_id, holder=holder)
             raise Dropped(f"{call.key} is running as {holder}")
+        delay = busy_delay(tries, left)
         remaining = deadline - time.monotonic()
         if on_running == "wait" and remaining > 0:
-            return min(left, remaining, _poll_interval(policy))
-        delay = min(left, policy.lease, MAX_DEFER_DELAY)
-        emit(Decision.DEFERRED, call, task_id, delay=round(delay, 3))
-        raise Deferred(delay, f"{call.key} is running as {holder}")
+            return min(delay, remaining)
+        emit(Decision.DEFERRED, call, task_id, delay=round(delay, 3), deferrals=tries + 1)
+        raise Deferred(delay, f"{call.key} is running as {holder}", deferrals=tries + 1)
 
-    def _acquire(self, policy: Policy, call: Call, task_id: str, attempt_id: str) -> Outcome | None:
+    def _acquire(
+        self, policy: Policy, call: Call, task_id: str, attempt_id: str, tries: int = 0
+    ) -> Outcome | None:
         """The store's answer; None when the store is down and the policy says run anyway."""
         try:
             return self.store.acquire(
@@ -364,7 +398,9 @@ class Guard:
             delay=STORE_RETRY_DELAY,
             reason="store unavailable",
         )
-        raise Deferred(STORE_RETRY_DELAY, "the idempotency store is unreachable")
+        raise Deferred(
+            STORE_RETRY_DELAY, "the idempotency store is unreachable", deferrals=tries + 1
+        )
 
     def _decided(
         self,
@@ -566,6 +602,7 @@ class Delivery:
         "call",
         "codec",
         "decision",
+        "deferrals",
         "error",
         "finished",
         "follows",
@@ -585,6 +622,7 @@ class Delivery:
         *,
         follows: str | None = None,
         resumes: tuple[str, int] | None = None,
+        deferrals: int = 0,
     ) -> None:
         self._guard = guard
         self.policy = policy
@@ -593,6 +631,7 @@ class Delivery:
         self.codec = codec
         self.follows = follows
         self.resumes = resumes
+        self.deferrals = deferrals
         self.decision: Attempt | Replay | None = None
         self.error: Exception | None = None  # what deciding raised: raised again by run
         self.ran = False  # the body was called
@@ -621,7 +660,9 @@ class Delivery:
             resumed = self._guard.resume(self.policy, self.call, self.task_id, attempt_id, token)
             if resumed is not None:
                 return resumed
-        return self._guard.begin(self.policy, self.call, self.task_id, follows=self.follows)
+        return self._guard.begin(
+            self.policy, self.call, self.task_id, follows=self.follows, deferrals=self.deferrals
+        )
 
     def run(self, body: Callable[[], Any]) -> Any:
         """What the caller gets: the replayed result, or the body's (recorded) value."""
@@ -698,5 +739,12 @@ def _attempt_id() -> str:
     return uuid.uuid4().hex
 
 
-def _poll_interval(policy: Policy) -> float:
-    return max(0.05, min(1.0, policy.lease / 20))
+def busy_delay(tries: int, lease_left: float) -> float:
+    """Seconds a copy that found its key busy waits before it asks again: 50 ms after its
+    first look, doubling with each look after, never over ``MAX_BUSY_DELAY``, nor past the
+    point the holder's lease (``lease_left`` seconds) could have run out, when it may take
+    the key over. One schedule for a deferred copy (``tries``: its deferrals so far) and a
+    waiting one (its polls so far): the holder's end reaches it within ``MAX_BUSY_DELAY``
+    while it asks the store at most ``1 / MAX_BUSY_DELAY`` times a second."""
+    step = MIN_BUSY_DELAY * float(2 ** min(max(tries, 0), 16))
+    return max(MIN_BUSY_DELAY, min(step, MAX_BUSY_DELAY, lease_left))

@@ -28,6 +28,8 @@ FOLLOWS_FIELD = "idemtask_follows"
 #: A replacement's field: the call and attempt handed to it,
 #: ``[task name, key, fingerprint, attempt id, token, message id]``.
 HANDED_FIELD = "idemtask_handed"
+#: A deferred copy's field: how often the message was deferred so far (``Guard.delivery``).
+DEFERRALS_FIELD = "idemtask_deferrals"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +190,25 @@ def handed(fields: Mapping[str, Any], message_id: str) -> Handed | None:
     return Handed(Call(str(name), str(key), str(fingerprint)), str(attempt_id), int(token))
 
 
+def count_deferrals(count: int | None, fields: MutableMapping[str, Any]) -> None:
+    """Mark a deferred copy with how often its message was deferred (None: leave as is)."""
+    if count is not None:
+        fields[DEFERRALS_FIELD] = count
+
+
+def deferrals(fields: Mapping[str, Any]) -> int:
+    """How often this message was deferred so far (see ``count_deferrals``); 0 if unmarked."""
+    value = fields.get(DEFERRALS_FIELD)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return 0
+    try:
+        return max(0, int(value))
+    except ValueError:
+        return 0
+
+
 def strip(fields: MutableMapping[str, Any]) -> None:
     """Remove a carried identity (before forwarding fields to another message)."""
     for name in (KEY_FIELD, FINGERPRINT_FIELD, BOUND_FIELD, FOLLOWS_FIELD, HANDED_FIELD):
         fields.pop(name, None)
+    fields.pop(DEFERRALS_FIELD, None)

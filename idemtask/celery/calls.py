@@ -17,6 +17,7 @@ from kombu import serialization
 from idemtask.celery.config import codec_for
 from idemtask.errors import TaskFailedError
 from idemtask.guard import Call, Existing
+from idemtask.identity import count_deferrals
 from idemtask.store.base import State
 
 logger = logging.getLogger("idemtask.celery")
@@ -111,16 +112,25 @@ def existing_handle(task: Task, existing: Existing, call: Call) -> AsyncResult |
 
 
 def defer(
-    task: Task, args: Sequence[Any], kwargs: Mapping[str, Any], delay: float, reason: str
+    task: Task,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    delay: float,
+    reason: str,
+    deferrals: int | None = None,
 ) -> NoReturn:
     """Publish the running message again (same id, headers and ``retries``, so the user's
     retry budget is untouched) after ``delay`` seconds, then ack this copy unrecorded.
+    ``deferrals`` (``Deferred.deferrals``) is carried in its headers.
 
     If that publish fails the message is rejected with requeue, so it is never lost.
     """
     request = task.request
     try:
         signature = task.signature_from_request(request, tuple(args), dict(kwargs), countdown=delay)
+        headers = dict(signature.options.get("headers") or {})
+        count_deferrals(deferrals, headers)
+        signature.set(headers=headers)
         signature.apply_async()
     except Exception as exc:
         logger.warning(

@@ -41,6 +41,7 @@ from idemtask.identity import (
     Handed,
     Identity,
     carry,
+    deferrals,
     follow,
     followed,
     hand,
@@ -232,7 +233,9 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         codec = codec_for(self.app)
         if eager:
             _release_predecessor(request)
-        delivery = guard.delivery(policy, call, request.id, codec, follows=followed(fields))
+        delivery = guard.delivery(
+            policy, call, request.id, codec, follows=followed(fields), deferrals=deferrals(fields)
+        )
         entry.delivery = delivery
 
         def body() -> Any:
@@ -249,7 +252,7 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         except Deferred as deferred:
             if eager:
                 raise AlreadyRunningError(call.key, "", deferred.delay) from None
-            calls.defer(self, args, kwargs, deferred.delay, deferred.reason)
+            calls.defer(self, args, kwargs, deferred.delay, deferred.reason, deferred.deferrals)
         except Dropped as dropped:
             raise Ignore(str(dropped)) from None
         except LeaseLostError as exc:

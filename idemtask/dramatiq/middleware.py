@@ -44,7 +44,16 @@ from idemtask.codecs import Codec
 from idemtask.config import Settings, resolve_settings
 from idemtask.errors import ConfigurationError, KeyDerivationError
 from idemtask.guard import Deferred, Delivery, Dropped, Guard, final_exceptions
-from idemtask.identity import FINGERPRINT_FIELD, KEY_FIELD, Call, Identity, carry
+from idemtask.identity import (
+    DEFERRALS_FIELD,
+    FINGERPRINT_FIELD,
+    KEY_FIELD,
+    Call,
+    Identity,
+    carry,
+    count_deferrals,
+    deferrals,
+)
 from idemtask.keys import DerivedKey, validate_key_spec
 from idemtask.policy import POLICY_OPTIONS, Policy
 from idemtask.runtime import guard_for
@@ -59,7 +68,7 @@ logger = logging.getLogger("idemtask.dramatiq")
 #: Message options idemtask writes; they travel with the message through every broker.
 KEY_OPTION = KEY_FIELD
 FINGERPRINT_OPTION = FINGERPRINT_FIELD
-DEFERRALS_OPTION = "idemtask_deferrals"
+DEFERRALS_OPTION = DEFERRALS_FIELD
 #: Actor options, by the policy option each sets. Dramatiq's Results middleware already owns
 #: ``result_ttl`` (milliseconds), so idemtask's (seconds) is ``idempotency_result_ttl`` here.
 ACTOR_OPTIONS = {
@@ -219,7 +228,13 @@ class IdempotencyMiddleware(Middleware):
         if identity is None:
             return
         call = self._stamp(message)
-        delivery = self.guard.delivery(identity.policy, call, message.message_id, self.codec)
+        delivery = self.guard.delivery(
+            identity.policy,
+            call,
+            message.message_id,
+            self.codec,
+            deferrals=deferrals(message.options),
+        )
         _delivery.set(delivery)
         try:
             delivery.decide()
@@ -233,8 +248,9 @@ class IdempotencyMiddleware(Middleware):
     def _defer(self, broker: Broker, message: MessageProxy, deferred: Deferred) -> None:
         """Enqueue the same message (same id and ``retries``) for later and skip this copy;
         if the broker refuses, the actor raises the ``Deferred`` and Retries retries it."""
-        deferrals = int(message.options.get(DEFERRALS_OPTION, 0)) + 1
-        later: Message[Any] = message.copy(options={DEFERRALS_OPTION: deferrals})
+        carried: dict[str, Any] = {}
+        count_deferrals(deferred.deferrals, carried)
+        later: Message[Any] = message.copy(options=carried)
         try:
             broker.enqueue(later, delay=max(1, int(deferred.delay * 1000)))
         except Exception as exc:

@@ -21,7 +21,18 @@ from idemtask.errors import (
     TaskFailedError,
 )
 from idemtask.events import Decision, Event, add_observer, remove_observer
-from idemtask.guard import Attempt, Call, Deferred, Dropped, Existing, Guard, Replay
+from idemtask.guard import (
+    MAX_BUSY_DELAY,
+    MIN_BUSY_DELAY,
+    Attempt,
+    Call,
+    Deferred,
+    Dropped,
+    Existing,
+    Guard,
+    Replay,
+    busy_delay,
+)
 from idemtask.policy import Policy
 from idemtask.store import MemoryStore, RedisStore, State, Store
 
@@ -121,6 +132,59 @@ def test_busy_policies(guard: Guard) -> None:
     assert running.value.holder_task_id == "t1"
     with pytest.raises(Dropped):
         guard.begin(FAST.with_options({"on_running": "drop"}, source="t"), c, "t2")
+    guard.succeed(holder, "ok", CODEC)
+
+
+def test_busy_delay_starts_short_doubles_and_is_capped() -> None:
+    assert [busy_delay(n, 60) for n in range(6)] == [0.05, 0.1, 0.2, 0.25, 0.25, 0.25]
+    assert busy_delay(10**6, 60) == MAX_BUSY_DELAY  # no overflow after many looks
+    assert busy_delay(-3, 60) == MIN_BUSY_DELAY  # a nonsense count starts the schedule
+    assert busy_delay(5, 0.08) == 0.08  # back when the holder's lease could run out
+    assert busy_delay(5, 0.0) == MIN_BUSY_DELAY  # never a zero delay (a hot loop)
+
+
+LONG = Policy(lease=30, result_ttl=60, wait_timeout=2)
+
+
+def test_each_deferral_is_the_next_step_of_the_schedule(guard: Guard, events: list[Event]) -> None:
+    """A copy deferred ``n`` times before gets the ``n``-th delay and carries ``n + 1``."""
+    c = call()
+    holder = guard.begin(LONG, c, "t1")
+    assert isinstance(holder, Attempt)
+    delays, counts = [], []
+    for before in range(5):
+        with pytest.raises(Deferred) as deferred:
+            guard.delivery(LONG, c, "t2", CODEC, deferrals=before).decide()
+        delays.append(deferred.value.delay)
+        counts.append(deferred.value.deferrals)
+    assert delays == [busy_delay(n, LONG.lease) for n in range(5)]
+    assert delays == sorted(delays) and delays[0] < delays[-1] == MAX_BUSY_DELAY
+    assert counts == [1, 2, 3, 4, 5]
+    deferred_events = [e for e in events if e.key == c.key and e.decision is Decision.DEFERRED]
+    assert [e.fields["deferrals"] for e in deferred_events] == counts
+    assert [e.fields["delay"] for e in deferred_events] == delays
+    guard.succeed(holder, "ok", CODEC)
+
+
+def test_wait_polls_on_the_same_schedule_then_defers(guard: Guard, events: list[Event]) -> None:
+    c = call()
+    holder = guard.begin(LONG, c, "t1")
+    assert isinstance(holder, Attempt)
+    timeout = 0.6
+    policy = LONG.with_options({"on_running": "wait", "wait_timeout": timeout}, source="t")
+    with pytest.raises(Deferred) as deferred:
+        guard.begin(policy, c, "t2")
+    looks = [e for e in events if e.key == c.key and e.decision is Decision.BUSY]
+    # Sleeps are never shorter than asked, so the schedule bounds the looks from above:
+    # 0.05 + 0.1 + 0.2 + 0.25 > 0.6, so at most five looks before the deferral.
+    slept, bound = 0.0, 1
+    while slept < timeout:
+        slept += busy_delay(bound - 1, LONG.lease)
+        bound += 1
+    assert 2 <= len(looks) <= bound == 5
+    # The deferral continues the schedule where the polls left it.
+    assert deferred.value.deferrals == len(looks)
+    assert deferred.value.delay == busy_delay(len(looks) - 1, LONG.lease)
     guard.succeed(holder, "ok", CODEC)
 
 

@@ -17,7 +17,7 @@ from idemtask import ConfigurationError, KeyDerivationError
 from idemtask.dramatiq import IdempotencyMiddleware, InvalidActorOptions
 from idemtask.dramatiq.middleware import DEFERRALS_OPTION, FINGERPRINT_OPTION, KEY_OPTION
 from idemtask.errors import AlreadyRunningError, IdempotencyConflict, TaskFailedError
-from idemtask.guard import Call, Guard
+from idemtask.guard import Call, Guard, busy_delay
 from idemtask.keys import bind_arguments, derive_key
 from idemtask.store.base import State
 
@@ -301,7 +301,7 @@ def _held_elsewhere(env: Any, message: Any) -> tuple[Guard, Any]:
     return guard, guard.begin(policy, call, "someone-else")
 
 
-def test_deferred_copy_keeps_message_id_and_retry_count(stub_env, counters) -> None:
+def test_deferred_copies_keep_id_and_retries_and_grow_their_delay(stub_env, counters) -> None:
     env = stub_env(worker_threads=1, lease=5)
 
     @dramatiq.actor(idempotent=True, store_results=True)
@@ -316,20 +316,23 @@ def test_deferred_copy_keeps_message_id_and_retry_count(stub_env, counters) -> N
     original_enqueue = env.broker.enqueue
 
     def spy(msg: Any, *, delay: int | None = None) -> Any:
-        enqueued.append((msg, delay))
+        if delay is not None:  # a deferral (the worker moves it on when due, undelayed)
+            enqueued.append((msg, delay))
         return original_enqueue(msg, delay=delay)
 
     env.broker.enqueue = spy  # type: ignore[method-assign]
     retried = message.copy(options={"retries": 2})
     env.broker.enqueue(retried)
     wait = time.monotonic() + 5
-    while len(enqueued) < 2 and time.monotonic() < wait:
+    while len(enqueued) < 4 and time.monotonic() < wait:
         time.sleep(0.02)
-    deferred, delay = enqueued[1]
-    assert deferred.message_id == message.message_id
-    assert deferred.options["retries"] == 2
-    assert deferred.options[DEFERRALS_OPTION] == 1
-    assert delay is not None and 3000 <= delay <= 5000
+    copies = enqueued[:4]
+    assert [m.message_id for m, _ in copies] == [message.message_id] * 4
+    assert [m.options["retries"] for m, _ in copies] == [2] * 4
+    # Each copy carries its count, and its delay is the next step of the schedule.
+    assert [m.options[DEFERRALS_OPTION] for m, _ in copies] == [1, 2, 3, 4]
+    assert [delay for _, delay in copies] == [int(busy_delay(n, 5) * 1000) for n in range(4)]
+    assert [delay for _, delay in copies] == [50, 100, 200, 250]
     assert counters.get("job") == 0
     with pytest.raises(ResultMissing):  # the set-aside copy stored no (None) result
         message.get_result()
