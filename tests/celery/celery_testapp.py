@@ -8,6 +8,7 @@ read how many deliveries were deferred, replayed or taken over, even in worker p
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -18,7 +19,7 @@ from celery import Celery
 
 import idemtask
 from idemtask.celery import IdempotentTask, presets
-from idemtask.events import Event, add_observer
+from idemtask.events import Decision, Event, add_observer
 
 _counter: dict[str, redis.Redis] = {}
 
@@ -31,6 +32,14 @@ def _count_decision(event: Event) -> None:
     client = _counter.get("client")
     if client is not None:
         client.incr(f"decision:{event.decision.value}:{event.key}")
+        if event.decision is Decision.DEFERRED:
+            carried = json.dumps([event.fields.get("deferrals"), event.fields.get("delay")])
+            client.rpush(f"deferrals:{event.task_id}", carried)
+
+
+def deferrals(client: redis.Redis, task_id: str) -> list[tuple[int, float]]:
+    """Each deferral of the message ``task_id``, in order: (count carried, delay)."""
+    return [tuple(json.loads(item)) for item in client.lrange(f"deferrals:{task_id}", 0, -1)]
 
 
 add_observer(_count_decision)

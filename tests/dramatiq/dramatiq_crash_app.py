@@ -11,6 +11,7 @@ Variables: ``IDT_BROKER`` (``redis`` or ``rabbitmq``), ``IDT_BROKER_URL``, ``IDT
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -41,6 +42,11 @@ class App:
 
     def count(self, what: str) -> int:
         return int(self.counters.get(f"{self.namespace}:{what}") or 0)
+
+    def deferrals(self, message_id: str) -> list[tuple[int, float]]:
+        """Each deferral of the message, in order: (count carried, delay)."""
+        items = self.counters.lrange(f"{self.namespace}:deferrals:{message_id}", 0, -1)
+        return [tuple(json.loads(item)) for item in items]
 
 
 def build() -> App:
@@ -93,6 +99,9 @@ def main() -> None:
 
     def record(event: events.Event) -> None:
         app.counters.incr(f"{app.namespace}:decision:{event.decision.value}")
+        if event.decision is events.Decision.DEFERRED:
+            carried = json.dumps([event.fields.get("deferrals"), event.fields.get("delay")])
+            app.counters.rpush(f"{app.namespace}:deferrals:{event.task_id}", carried)
 
     events.add_observer(record)
     worker = dramatiq.Worker(app.broker, worker_threads=2, worker_timeout=100)

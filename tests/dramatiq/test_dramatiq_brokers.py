@@ -25,6 +25,7 @@ from dramatiq_helpers import wait_for
 
 from idemtask.dramatiq import IdempotencyMiddleware
 from idemtask.dramatiq.middleware import KEY_OPTION
+from idemtask.guard import MAX_BUSY_DELAY, busy_delay
 from idemtask.store.base import State
 
 pytestmark = pytest.mark.dramatiq
@@ -175,6 +176,35 @@ def test_rabbitmq_duplicate_send_delayed_and_canvas(crash_app, rabbitmq_server) 
     assert sorted(group.get_results(block=True, timeout=20_000)) == ["done d1", "done g2"]
     assert (app.count("runs:d1"), app.count("runs:g2")) == (1, 1)
     assert app.count("decision:replayed") == 1
+
+
+def test_redis_group_of_identical_calls_defers_on_the_schedule(crash_app, redis_url) -> None:
+    """A group of one call four times: one runs (holding 1 s), each copy is deferred on
+    ``busy_delay``'s schedule, carrying its count, and replays the holder's value."""
+    lease, hold = 3.0, 1.0
+    app, workers = crash_app("redis", redis_url.rsplit("/", 1)[0] + "/2", lease=lease)
+    workers.start()
+    messages = [app.job.message("grp", hold) for _ in range(4)]
+    group = dramatiq.group(messages).run()
+    assert list(group.get_results(block=True, timeout=30_000)) == ["done grp"] * 4
+    assert app.count("runs:grp") == 1
+    assert app.count("decision:acquired") == 1 and app.count("decision:replayed") == 3
+    # Each deferral waits at least its delay and a copy back after the holder ended
+    # replays: 0.05 + 0.1 + 0.2 + 0.25 + 0.25 < 1.0 s, so six deferrals at most.
+    bound, waited = 1, 0.0
+    while waited + busy_delay(bound - 1, lease) < hold:
+        waited += busy_delay(bound - 1, lease)
+        bound += 1
+    assert bound == 6
+    steps = {m.message_id: app.deferrals(m.message_id) for m in messages}
+    for found in steps.values():
+        assert len(found) <= bound, steps
+        assert [count for count, _ in found] == list(range(1, len(found) + 1))
+        delays = [delay for _, delay in found]
+        assert delays == [busy_delay(n, lease) for n in range(len(found))]
+        assert delays == sorted(delays) and all(d <= MAX_BUSY_DELAY for d in delays)
+    assert sum(1 for found in steps.values() if found) >= 1, steps
+    assert app.count("decision:deferred") == sum(len(found) for found in steps.values())
 
 
 @pytest.fixture
