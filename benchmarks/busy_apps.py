@@ -3,10 +3,10 @@
 Each framework has one guarded task, ``busy_job(run, hold)``: its body marks when it started,
 holds the key for ``hold`` seconds and marks when it ended, in a Redis database of its own
 (``BENCH_MARKS``), so the driver can time every duplicate's answer from the holder's end.
-Every guard decision is counted there too (``decisions:<name>``): how often the duplicates
-were deferred. idemtask runs with its default settings. The workers import this module as
-``celery -A benchmarks.busy_apps:celery_app`` and ``dramatiq benchmarks.busy_apps:broker``
-with the URLs in ``BENCH_*`` variables.
+Every guard decision is counted there too (``decisions:<name>``), and each message's
+deferrals (``deferred:<message id>``). idemtask runs with its default settings. The workers
+import this module as ``celery -A benchmarks.busy_apps:celery_app`` and
+``dramatiq benchmarks.busy_apps:broker`` with the URLs in ``BENCH_*`` variables.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ def started_key(run: str) -> str:
 
 def finished_key(run: str) -> str:
     return f"finished:{run}"
+
+
+def deferred_key(message_id: str) -> str:
+    return f"deferred:{message_id}"
 
 
 def _body(marks: redis.Redis, run: str, hold: float) -> str:
@@ -103,6 +107,8 @@ def _count_decisions(marks_url: str) -> None:
 
     def count(event: events.Event) -> None:
         marks.incr(f"decisions:{event.decision.value}")
+        if event.decision is events.Decision.DEFERRED:
+            marks.incr(deferred_key(event.task_id))
 
     events.add_observer(count)
 

@@ -5,7 +5,9 @@ has started, then delivers ``duplicates`` copies of the same call past the enque
 (Celery: ``send_task`` by name; Dramatiq: ``broker.enqueue``), so every copy reaches the
 worker while the key is running and is deferred. The figure is, per copy, the time from the
 holder's end (marked by its body) to the copy's result appearing in the result backend,
-watched every 2 ms: p50 and p99 over all rounds, with the deferrals each copy went through.
+watched every 2 ms: p50 and p99 over all rounds, with the deferrals each copy went through,
+for every copy and for the deferred ones alone (a copy the worker only takes up after the
+holder ended, queued behind it, replays without a deferral).
 
 Workers are real subprocesses: ``celery worker --pool=prefork --concurrency=2`` and
 ``dramatiq --processes 1 --threads 2``, the latter at Dramatiq's default worker timeout
@@ -33,6 +35,7 @@ from benchmarks.busy_apps import (
     QUEUE,
     build_celery,
     build_dramatiq,
+    deferred_key,
     finished_key,
     started_key,
 )
@@ -90,6 +93,7 @@ class Publisher:
     holder: Callable[[str, float], Any]
     copy: Callable[[str, float], Any]
     result_key: Callable[[Any], str]
+    message_id: Callable[[Any], str]
     close: Callable[[], None]
 
 
@@ -102,6 +106,7 @@ def _publisher(framework: str, servers: Servers, marks_url: str) -> Publisher:
             holder=lambda run, hold: task.apply_async((run, hold)),
             copy=lambda run, hold: app.send_task(CELERY_TASK, args=(run, hold)),
             result_key=lambda handle: f"celery-task-meta-{handle.id}",
+            message_id=lambda handle: str(handle.id),
             close=app.close,
         )
     built = build_dramatiq(*urls)
@@ -115,6 +120,7 @@ def _publisher(framework: str, servers: Servers, marks_url: str) -> Publisher:
         holder=lambda run, hold: built.job.send(run, hold),
         copy=copy,
         result_key=built.backend.build_message_key,
+        message_id=lambda message: str(message.message_id),
         close=built.broker.close,
     )
 
@@ -162,6 +168,7 @@ def measure(
     with _environment({**extra, **dict(variant.environment)}):
         worker = WorkerProcess(variant.name, servers, _worker_command(variant.framework))
     latencies: list[float] = []
+    deferrals: list[int] = []  # per copy, in the order of ``latencies``
     try:
         warm = publisher.holder(f"warm-{uuid.uuid4().hex[:8]}", 0.0)
         _arrivals(backend, [publisher.result_key(warm)], 90)
@@ -175,7 +182,8 @@ def measure(
             arrived = _arrivals(backend, [publisher.result_key(c) for c in copies], 120)
             finished = float(marks.get(finished_key(run)) or "nan")
             latencies.extend(at - finished for at in arrived)
-        deferred = int(marks.get("decisions:deferred") or 0)
+            for copy in copies:
+                deferrals.append(int(marks.get(deferred_key(publisher.message_id(copy))) or 0))
     finally:
         worker.stop()
         publisher.close()
@@ -183,16 +191,24 @@ def measure(
             client.flushdb()
             client.close()
         redis.Redis.from_url(servers.store_url).flushdb()
-    samples = len(latencies)
+    deferred = [lat for lat, count in zip(latencies, deferrals, strict=True) if count]
     return {
         "variant": variant.name,
-        "samples": samples,
-        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
-        "p99_ms": round(percentile(latencies, 99) * 1000, 1),
-        "max_ms": round(max(latencies) * 1000, 1),
-        "median_ms": round(median(latencies) * 1000, 1),
-        "deferrals_per_copy": round(deferred / samples, 2),
+        "copies": len(latencies),
+        "p50_ms": _ms(percentile(latencies, 50)),
+        "p99_ms": _ms(percentile(latencies, 99)),
+        "max_ms": _ms(max(latencies)),
+        "deferred_copies": len(deferred),
+        "deferred_p50_ms": _ms(percentile(deferred, 50)),
+        "deferred_p99_ms": _ms(percentile(deferred, 99)),
+        "deferrals_per_copy": round(sum(deferrals) / len(deferrals), 2),
+        "most_deferrals": max(deferrals),
+        "median_deferrals_of_deferred": median([c for c in deferrals if c]),
     }
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
 
 
 def run(

@@ -397,6 +397,7 @@ class Guard:
             task_id,
             delay=STORE_RETRY_DELAY,
             reason="store unavailable",
+            deferrals=tries + 1,
         )
         raise Deferred(
             STORE_RETRY_DELAY, "the idempotency store is unreachable", deferrals=tries + 1
