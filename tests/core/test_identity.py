@@ -7,7 +7,17 @@ import math
 import pytest
 
 from idemtask.errors import KeyDerivationError
-from idemtask.identity import BOUND_FIELD, KEY_FIELD, Call, Identity, carry, strip
+from idemtask.identity import (
+    BOUND_FIELD,
+    DEFERRALS_FIELD,
+    KEY_FIELD,
+    Call,
+    Identity,
+    carry,
+    count_deferrals,
+    deferrals,
+    strip,
+)
 from idemtask.policy import Policy
 
 
@@ -49,6 +59,19 @@ def test_strip_removes_the_identity() -> None:
     strip(fields)
     assert fields == {"other": 1}
     assert BOUND_FIELD not in fields
+
+
+def test_a_deferral_count_travels_in_the_fields_and_a_bad_one_reads_as_none() -> None:
+    fields: dict[str, object] = {}
+    assert deferrals(fields) == 0
+    count_deferrals(3, fields)
+    assert fields == {DEFERRALS_FIELD: 3} and deferrals(fields) == 3
+    count_deferrals(None, fields)  # a deferral that leaves the count as it is
+    assert deferrals(fields) == 3
+    for odd, read in (("4", 4), (-2, 0), (True, 0), ("x", 0), ([1], 0), (None, 0)):
+        assert deferrals({DEFERRALS_FIELD: odd}) == read, odd
+    strip(fields)  # a forwarded header does not start a child task late on the schedule
+    assert fields == {}
 
 
 def test_an_explicit_key_without_payload_validation_does_not_encode_the_arguments() -> None:

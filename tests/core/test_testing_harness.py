@@ -99,11 +99,17 @@ def test_a_real_run_with_a_stopped_holder(
 
     def worker(guard: Guard) -> None:
         for key in keys:
+            deferrals = 0  # carried from one delivery to the next, as an adapter does
             for _ in range(20):
                 try:
-                    guard.run(policy, Call("t", key, ""), "id-" + key, body, JsonCodec())
+                    call = Call("t", key, "")
+                    delivery = guard.delivery(
+                        policy, call, "id-" + key, JsonCodec(), deferrals=deferrals
+                    )
+                    delivery.run(body)
                     break
                 except Deferred as deferred:
+                    deferrals = deferred.deferrals or deferrals
                     time.sleep(min(deferred.delay, 0.1))
                 except Exception:
                     break
