@@ -18,7 +18,17 @@ from typing import Any
 from benchmarks.common import Servers, load_average, machine, servers
 from benchmarks.report import render
 
-SECTIONS = ("keys", "memory", "commands", "enqueue", "execute", "steps", "celery", "dramatiq")
+SECTIONS = (
+    "keys",
+    "memory",
+    "commands",
+    "enqueue",
+    "execute",
+    "steps",
+    "busy",
+    "celery",
+    "dramatiq",
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,7 @@ class Sizes:
     command_tasks: int = 200
     memory_records: int = 100_000
     key_loops: int = 2000
+    busy_rounds: int = 20
 
 
 FULL = Sizes()
@@ -49,6 +60,7 @@ QUICK = Sizes(
     command_tasks=20,
     memory_records=10_000,
     key_loops=500,
+    busy_rounds=4,
 )
 
 #: How each section runs: without servers (``None``) or with the benchmark's two servers.
@@ -57,7 +69,7 @@ Runner = Callable[[Servers | None, Sizes], Any]
 
 def _runners() -> dict[str, Runner]:
     """Imported on use: the end-to-end modules pull in both frameworks."""
-    from benchmarks import celery_e2e, commands, dramatiq_e2e, memory, percall, steps
+    from benchmarks import busy_latency, celery_e2e, commands, dramatiq_e2e, memory, percall, steps
 
     def served(found: Servers | None) -> Servers:
         assert found is not None
@@ -70,6 +82,7 @@ def _runners() -> dict[str, Runner]:
         "enqueue": lambda f, s: percall.bench_enqueue(served(f), s.enqueue_calls),
         "execute": lambda f, s: percall.bench_execute(served(f), s.execute_calls),
         "steps": lambda f, s: steps.bench_steps(served(f), s.step_calls),
+        "busy": lambda _, s: busy_latency.run(rounds=s.busy_rounds),
         "celery": lambda f, s: celery_e2e.bench_celery(
             served(f), s.celery_calls, s.celery_rounds, s.latency_calls
         ),
@@ -79,8 +92,8 @@ def _runners() -> dict[str, Runner]:
     }
 
 
-#: Sections that need no server, run first.
-SERVERLESS = ("keys", "memory")
+#: Sections that need none of the shared servers (``busy`` starts its own), run first.
+SERVERLESS = ("keys", "memory", "busy")
 
 
 def run(sizes: Sizes, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:

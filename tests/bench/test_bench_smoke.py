@@ -33,12 +33,17 @@ TINY = Sizes(
     command_tasks=10,
     memory_records=500,
     key_loops=20,
+    busy_rounds=1,
 )
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_every_section_runs_and_the_command_counts_hold(tmp_path: Path) -> None:
     results = run(TINY)
+
+    # Every copy of the busy round got its answer (through a replay) and was counted.
+    busy = results["busy"]
+    assert [r["copies"] for r in busy["results"]] == [busy["duplicates"]] * len(busy["results"])
 
     commands = results["commands"]
     for path, expected in {
