@@ -6,7 +6,9 @@ the store that nothing was lost, nothing overlapped, nothing ran after a complet
 stale completion was accepted, fencing tokens only grew and no delivery was acked without a
 run or a replay. One run per further fault family: the store refusing writes with error
 replies, the network between workers and store, bodies longer than ``result_ttl``, bodies
-holding the GIL. ``-s`` shows each run's figures. The same runner makes the long runs:
+holding the GIL; and one per effects mode (the effect inside ``idemtask.step``, or
+committed through ``idemtask.sql``) with a kill aimed between effect and completion.
+``-s`` shows each run's figures. The same runner makes the long runs:
 ``python -m idemtask.testing.chaos --framework celery --keys 10000 --seed 1``.
 """
 
