@@ -56,6 +56,9 @@ class Report:
     #: ... and keys where a run with the effect had lost its lease: a frozen holder woke
     #: after a takeover (the window the fencing token closes).
     repeats_by_stale_holder: list[str] = field(default_factory=list)
+    #: ... and keys where an earlier run with the effect returned, but no completion of its
+    #: token was recorded (the store refused or could not be reached, or the body raised).
+    repeats_after_unrecorded_end: list[str] = field(default_factory=list)
     unexplained_repeats: list[str] = field(default_factory=list)
     stale_fenced_writes_accepted: list[str] = field(default_factory=list)
     fenced_rejected: int = 0
@@ -102,6 +105,9 @@ class Report:
             "repeated effects not explained by a crash": len(self.unexplained_repeats),
             "repeated effects after a kill": len(self.repeats_after_kill),
             "repeated effects by a holder whose lease was lost": len(self.repeats_by_stale_holder),
+            "repeated effects after a run that ended unrecorded": len(
+                self.repeats_after_unrecorded_end
+            ),
             "stale fenced writes accepted": len(self.stale_fenced_writes_accepted),
             "fenced writes rejected": self.fenced_rejected,
             "lease renewals": self.renewals,
@@ -225,6 +231,13 @@ def analyse(
                 report.repeats_after_kill.append(key)
             if any((key, r.token) in stale_tokens for r in effects):
                 report.repeats_by_stale_holder.append(key)
+            if any(
+                not r.killed
+                and r.token not in completed_tokens
+                and (key, r.token) not in stale_tokens
+                for r in earlier_effects
+            ):
+                report.repeats_after_unrecorded_end.append(key)
 
     # A completion is stale when a higher token had already been handed out for its key: the
     # store must have rejected it.

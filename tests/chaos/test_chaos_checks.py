@@ -196,3 +196,16 @@ def test_repeated_effects_are_told_apart_by_what_left_the_first_one_unfinished()
     assert report["repeated effects after a kill"] == 0
     assert report["repeated effects by a holder whose lease was lost"] == 1
     assert report["bodies killed between effect and completion"] == 0
+
+
+def test_a_repeat_after_a_run_whose_completion_was_not_recorded_is_told_apart() -> None:
+    """Token 1 did the effect and returned, but its completion never reached the store (no
+    ``completed`` entry); token 2 ran again."""
+    unrecorded = [e("start", "k", 1, 0.0), e("effect", "k", 1, 0.1), e("end", "k", 1, 0.2),
+                  e("store_unavailable", "k", 1, 0.3), e("start", "k", 2, 3.1, pid=2),
+                  e("effect", "k", 2, 3.2, pid=2), e("end", "k", 2, 3.3, pid=2),
+                  e("completed", "k", 2, 3.4, pid=2)]  # fmt: skip
+    report = analyse(unrecorded).as_dict()
+    assert report["repeated effects after a run that ended unrecorded"] == 1
+    assert report["repeated effects after a kill"] == 0
+    assert report["repeated effects not explained by a crash"] == 0

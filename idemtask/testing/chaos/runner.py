@@ -94,6 +94,7 @@ LEDGER_EFFECT_FIGURES = (
     "repeated effects not explained by a crash",
     "repeated effects after a kill",
     "repeated effects by a holder whose lease was lost",
+    "repeated effects after a run that ended unrecorded",
 )
 
 Log = Callable[[str], None]
