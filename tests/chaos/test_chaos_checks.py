@@ -3,6 +3,8 @@ ledger and to accept what a frozen holder legitimately leaves behind."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from idemtask.testing import (
@@ -14,6 +16,8 @@ from idemtask.testing import (
     assert_no_stale_completion,
     assert_tokens_increase,
 )
+from idemtask.testing.chaos import Result
+from idemtask.testing.checks import Report
 
 
 def e(kind: str, key: str, token: int, at: float, pid: int = 1) -> Entry:
@@ -209,3 +213,20 @@ def test_a_repeat_after_a_run_whose_completion_was_not_recorded_is_told_apart() 
     assert report["repeated effects after a run that ended unrecorded"] == 1
     assert report["repeated effects after a kill"] == 0
     assert report["repeated effects not explained by a crash"] == 0
+
+
+def test_sql_mode_counts_a_second_committed_row_and_a_missing_one_as_violations() -> None:
+    result = Result(
+        scenario="celery-redis", seed=1, keys=3, messages=9, seconds=1.0, faults=Counter(),
+        skipped_faults=[], report=Report(), store_not_done=[], effects="sql",
+        effect_rows={"a": 1, "b": 2}, database_missing=["c"],
+    )  # fmt: skip
+    assert result.violations == {
+        "repeated database effects": ["b: 2 rows"],
+        "keys without an effect row": ["c"],
+    }
+    figures = result.figures()
+    assert (figures["effects"], figures["repeated effects"], figures["database effect rows"]) == (
+        "sql", 1, 3,
+    )  # fmt: skip
+    assert "repeated effects after a kill" not in figures  # the ledger has no effect entries
