@@ -23,6 +23,8 @@ class _Attempt:
     start: float
     end: float | None = None  # None: never returned (killed)
     effects: int = 0
+    effect_done: bool = False  # the body said its effects were done
+    killed: bool = False  # ended by the kill of its process, not by returning
 
 
 @dataclass
@@ -48,6 +50,15 @@ class Report:
     stale_accepted: list[str] = field(default_factory=list)
     double_completions: list[str] = field(default_factory=list)
     repeated_effects: list[str] = field(default_factory=list)
+    #: Of those, keys where an earlier run with the effect was killed before it returned
+    #: (the window steps and ``idemtask.sql`` close) ...
+    repeats_after_kill: list[str] = field(default_factory=list)
+    #: ... and keys where a run with the effect had lost its lease: a frozen holder woke
+    #: after a takeover (the window the fencing token closes).
+    repeats_by_stale_holder: list[str] = field(default_factory=list)
+    #: ... and keys where an earlier run with the effect returned, but no completion of its
+    #: token was recorded (the store refused or could not be reached, or the body raised).
+    repeats_after_unrecorded_end: list[str] = field(default_factory=list)
     unexplained_repeats: list[str] = field(default_factory=list)
     stale_fenced_writes_accepted: list[str] = field(default_factory=list)
     fenced_rejected: int = 0
@@ -70,6 +81,9 @@ class Report:
     #: rejected as stale): the work was done, but the record does not say so, and another
     #: copy of the key runs it again. Not lost; the price of an unrecorded completion.
     acked_unrecorded: int = 0
+    #: Bodies killed after their ``effect_done`` and before they returned: the window
+    #: between a side effect and the completion.
+    killed_after_effect: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -89,6 +103,11 @@ class Report:
             "double completions": len(self.double_completions),
             "repeated effects": len(self.repeated_effects),
             "repeated effects not explained by a crash": len(self.unexplained_repeats),
+            "repeated effects after a kill": len(self.repeats_after_kill),
+            "repeated effects by a holder whose lease was lost": len(self.repeats_by_stale_holder),
+            "repeated effects after a run that ended unrecorded": len(
+                self.repeats_after_unrecorded_end
+            ),
             "stale fenced writes accepted": len(self.stale_fenced_writes_accepted),
             "fenced writes rejected": self.fenced_rejected,
             "lease renewals": self.renewals,
@@ -100,6 +119,7 @@ class Report:
             "records ended, then run again": self.records_ended,
             "deliveries acked without a run or a replay": len(self.acked_without_run),
             "deliveries acked with their completion unrecorded": self.acked_unrecorded,
+            "bodies killed between effect and completion": self.killed_after_effect,
         }
 
 
@@ -118,8 +138,11 @@ def _attempts(entries: Sequence[Entry]) -> dict[str, list[_Attempt]]:
             open_runs.pop(ident).end = entry.at
         elif entry.kind in ("effect", "fenced_effect") and ident in open_runs:
             open_runs[ident].effects += 1
+        elif entry.kind == "effect_done" and ident in open_runs:
+            open_runs[ident].effect_done = True
     for run in open_runs.values():
         run.end = killed_at.get(run.pid)
+        run.killed = run.end is not None
     return runs
 
 
@@ -150,6 +173,9 @@ def analyse(
 
     report.keys = len(expected)
     report.body_starts = len(by_kind["start"])
+    report.killed_after_effect = sum(
+        1 for key_runs in runs.values() for run in key_runs if run.killed and run.effect_done
+    )
     report.completed = sum(len(v) for v in completions.values())
     report.replayed = len(by_kind["replayed"])
     report.deferred = len(by_kind["deferred"])
@@ -201,6 +227,17 @@ def analyse(
             earlier_effects = sorted(effects, key=lambda r: r.start)[:-1]
             if any(r.token in completed_tokens for r in earlier_effects):
                 report.unexplained_repeats.append(key)
+            if any(r.killed for r in earlier_effects):
+                report.repeats_after_kill.append(key)
+            if any((key, r.token) in stale_tokens for r in effects):
+                report.repeats_by_stale_holder.append(key)
+            if any(
+                not r.killed
+                and r.token not in completed_tokens
+                and (key, r.token) not in stale_tokens
+                for r in earlier_effects
+            ):
+                report.repeats_after_unrecorded_end.append(key)
 
     # A completion is stale when a higher token had already been handed out for its key: the
     # store must have rejected it.

@@ -43,7 +43,7 @@ _OBSERVED = {
 class Entry:
     """One line of the ledger."""
 
-    kind: str  # "start", "end", "effect", "fenced_effect" or a guard decision value
+    kind: str  # "start", "end", "effect", "fenced_effect", "effect_done" or a guard decision
     key: str
     attempt: str
     token: int
@@ -147,6 +147,11 @@ class EffectLedger:
     def effect(self) -> None:
         """A side effect of the running body (an e-mail sent, a card charged)."""
         self._note("effect", context.current())
+
+    def effect_done(self) -> None:
+        """The body's effects are done (committed, where they commit): a crash from here
+        until the completion is the window that steps and ``idemtask.sql`` close."""
+        self._note("effect_done", context.current())
 
     def fenced_effect(self) -> bool:
         """A side effect written through the fencing token: a downstream store that keeps the

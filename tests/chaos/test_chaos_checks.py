@@ -3,6 +3,8 @@ ledger and to accept what a frozen holder legitimately leaves behind."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from idemtask.testing import (
@@ -14,6 +16,8 @@ from idemtask.testing import (
     assert_no_stale_completion,
     assert_tokens_increase,
 )
+from idemtask.testing.chaos import Result
+from idemtask.testing.checks import Report
 
 
 def e(kind: str, key: str, token: int, at: float, pid: int = 1) -> Entry:
@@ -167,3 +171,62 @@ def test_what_follows_the_end_of_a_record_is_checked_as_a_new_key() -> None:
     assert within.records_ended == 0
     assert len(within.runs_after_completion) == len(within.token_regressions) == 1
     assert within.double_completions == ["k"]
+
+
+def test_repeated_effects_are_told_apart_by_what_left_the_first_one_unfinished() -> None:
+    """A body killed after its effect (and its ``effect_done``) is counted as killed between
+    effect and completion, and the repeat as one after a kill; a frozen holder that did the
+    effect after the takeover is counted as a repeat by a holder whose lease was lost."""
+    killed = [e("start", "k", 1, 0.0), e("effect", "k", 1, 0.1), e("effect_done", "k", 1, 0.1),
+              e("killed", "", 0, 0.15), e("takeover", "k", 2, 3.0, pid=2),
+              e("start", "k", 2, 3.1, pid=2), e("effect", "k", 2, 3.2, pid=2),
+              e("end", "k", 2, 3.3, pid=2), e("completed", "k", 2, 3.4, pid=2)]  # fmt: skip
+    report = analyse(killed).as_dict()
+    assert report["bodies killed between effect and completion"] == 1
+    assert report["repeated effects after a kill"] == 1
+    assert report["repeated effects by a holder whose lease was lost"] == 0
+
+    # The kill before ``effect_done``: inside the effect, not after it.
+    inside = [x for x in killed if x.kind != "effect_done"]
+    assert analyse(inside).as_dict()["bodies killed between effect and completion"] == 0
+
+    frozen = [e("acquired", "k", 1, 0.0), e("start", "k", 1, 0.1),
+              e("takeover", "k", 2, 3.0, pid=2), e("start", "k", 2, 3.1, pid=2),
+              e("effect", "k", 2, 3.2, pid=2), e("end", "k", 2, 3.3, pid=2),
+              e("completed", "k", 2, 3.4, pid=2), e("effect", "k", 1, 5.0),
+              e("end", "k", 1, 5.1), e("stale_completion", "k", 1, 5.2)]  # fmt: skip
+    report = analyse(frozen).as_dict()
+    assert report["repeated effects"] == 1
+    assert report["repeated effects after a kill"] == 0
+    assert report["repeated effects by a holder whose lease was lost"] == 1
+    assert report["bodies killed between effect and completion"] == 0
+
+
+def test_a_repeat_after_a_run_whose_completion_was_not_recorded_is_told_apart() -> None:
+    """Token 1 did the effect and returned, but its completion never reached the store (no
+    ``completed`` entry); token 2 ran again."""
+    unrecorded = [e("start", "k", 1, 0.0), e("effect", "k", 1, 0.1), e("end", "k", 1, 0.2),
+                  e("store_unavailable", "k", 1, 0.3), e("start", "k", 2, 3.1, pid=2),
+                  e("effect", "k", 2, 3.2, pid=2), e("end", "k", 2, 3.3, pid=2),
+                  e("completed", "k", 2, 3.4, pid=2)]  # fmt: skip
+    report = analyse(unrecorded).as_dict()
+    assert report["repeated effects after a run that ended unrecorded"] == 1
+    assert report["repeated effects after a kill"] == 0
+    assert report["repeated effects not explained by a crash"] == 0
+
+
+def test_sql_mode_counts_a_second_committed_row_and_a_missing_one_as_violations() -> None:
+    result = Result(
+        scenario="celery-redis", seed=1, keys=3, messages=9, seconds=1.0, faults=Counter(),
+        skipped_faults=[], report=Report(), store_not_done=[], effects="sql",
+        effect_rows={"a": 1, "b": 2}, database_missing=["c"],
+    )  # fmt: skip
+    assert result.violations == {
+        "repeated database effects": ["b: 2 rows"],
+        "keys without an effect row": ["c"],
+    }
+    figures = result.figures()
+    assert (figures["effects"], figures["repeated effects"], figures["database effect rows"]) == (
+        "sql", 1, 3,
+    )  # fmt: skip
+    assert "repeated effects after a kill" not in figures  # the ledger has no effect entries

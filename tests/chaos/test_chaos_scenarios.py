@@ -6,7 +6,9 @@ the store that nothing was lost, nothing overlapped, nothing ran after a complet
 stale completion was accepted, fencing tokens only grew and no delivery was acked without a
 run or a replay. One run per further fault family: the store refusing writes with error
 replies, the network between workers and store, bodies longer than ``result_ttl``, bodies
-holding the GIL. ``-s`` shows each run's figures. The same runner makes the long runs:
+holding the GIL; and one per effects mode (the effect inside ``idemtask.step``, or
+committed through ``idemtask.sql``) with a kill aimed between effect and completion.
+``-s`` shows each run's figures. The same runner makes the long runs:
 ``python -m idemtask.testing.chaos --framework celery --keys 10000 --seed 1``.
 """
 
@@ -16,6 +18,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +38,9 @@ def _check(result: Result, scenario: Scenario) -> None:
     assert figures["keys"] == scenario.keys
     assert figures["messages"] == 3 * scenario.keys
     # The faults really happened and really hit the guard.
-    assert figures["kills mid-body"] + figures["kills between completion and ack"] == 3
+    kills = ("kills mid-body", "kills between completion and ack")
+    kills += ("kills aimed between effect and completion",)
+    assert sum(figures[name] for name in kills) == 3
     assert figures["stops"] == 1
     assert figures["store restarts"] == 1
     assert figures["broker restarts"] == scenario.broker_restarts
@@ -85,6 +90,48 @@ def test_chaos_dramatiq_on_redis_through_the_command(tmp_path: Path) -> None:
     assert figures["kills mid-body"] + figures["kills between completion and ack"] == 3
     assert (figures["stops"], figures["store restarts"]) == (1, 1)
     assert figures["stale completions rejected"] >= 1
+
+
+#: The short run's faults, one of its mid-body kills aimed after the body's effect.
+AFTER_EFFECT = {**FAULTS, "kills_after_effect": 1}
+
+
+def _check_effects(result: Result, scenario: Scenario) -> dict[str, Any]:
+    """The short run's checks, and a body really killed between its effect and completion."""
+    _check(result, scenario)
+    figures = result.figures()
+    assert figures["effects"] == scenario.effects
+    assert figures["kills aimed between effect and completion"] == 1
+    assert figures["bodies killed between effect and completion"] >= 1
+    return figures
+
+
+@pytest.mark.dramatiq
+def test_chaos_dramatiq_effects_in_steps_survive_a_kill_after_the_effect() -> None:
+    """The effect inside ``idemtask.step``: the attempt after a kill between the step and the
+    completion replays the step instead of doing the effect again."""
+    scenario = Scenario(
+        "dramatiq", "redis", keys=50, seed=1, duration=20, effects="steps", **AFTER_EFFECT
+    )
+    figures = _check_effects(run_scenario(scenario), scenario)
+    assert figures["repeated effects after a kill"] == 0
+    # A step's own effect can still repeat when a frozen holder wakes up right before it
+    # (docs/steps.md); each repeat left must be that one.
+    assert (
+        figures["repeated effects"] == figures["repeated effects by a holder whose lease was lost"]
+    )
+
+
+@pytest.mark.celery
+def test_chaos_celery_sql_effects_survive_a_kill_after_the_commit() -> None:
+    """The effect a row written through ``idemtask.sql.atomic`` to a SQLite file: the attempt
+    after a kill between the commit and the completion finds the row; one row per key."""
+    scenario = Scenario(
+        "celery", "redis", keys=50, seed=1, duration=20, effects="sql", **AFTER_EFFECT
+    )
+    figures = _check_effects(run_scenario(scenario), scenario)
+    assert figures["repeated effects"] == 0  # one committed row per key
+    assert figures["database effect rows"] == scenario.keys
 
 
 #: Only the faults a run names; the process faults and restarts are off.

@@ -3,6 +3,9 @@ body-run counters in Redis (kept apart from idemtask's own keys) and recorded de
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import uuid
 from collections import Counter
@@ -24,6 +27,7 @@ from idemtask import events
 from idemtask.dramatiq import IdempotencyMiddleware
 
 HERE = str(Path(__file__).resolve().parent)
+ROOT = Path(HERE).parents[1]
 if HERE not in sys.path:  # the helper modules beside the tests, whatever the import mode
     sys.path.insert(0, HERE)
 
@@ -117,3 +121,60 @@ def stub_env(redis_url: str) -> Iterator[Callable[..., StubEnv]]:
     for env in made:
         env.worker.stop()
         env.broker.close()
+
+
+@pytest.fixture
+def steps_app_env() -> dict[str, str]:
+    """More ``IDT_*`` variables for ``steps_app`` (a test module overrides this)."""
+    return {}
+
+
+@pytest.fixture
+def steps_app(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, steps_app_env: dict[str, str]
+) -> Iterator[tuple[Any, Any]]:
+    """``dramatiq_steps_app`` built here to send, and ``start()`` for a worker process."""
+    base = redis_url.rsplit("/", 1)[0]
+    env = {
+        "IDT_BROKER_URL": f"{base}/2",
+        "IDT_NAMESPACE": f"s{uuid.uuid4().hex[:10]}",
+        "IDT_STORE_URL": f"{base}/1",
+        "IDT_COUNTER_URL": f"{base}/15",
+        "IDT_LEASE": "2.0",
+        **steps_app_env,
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    import dramatiq_steps_app
+    from dramatiq_helpers import wait_for
+
+    app = dramatiq_steps_app.build()
+    procs: list[subprocess.Popen[bytes]] = []
+    log = open(  # noqa: SIM115 - closed below
+        Path(os.environ.get("TMPDIR", "/tmp")) / f"{env['IDT_NAMESPACE']}.log", "wb"
+    )
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(HERE) / "dramatiq_steps_app.py")],
+            env={**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), HERE])},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(proc)
+        ready = f"{env['IDT_NAMESPACE']}:ready:{proc.pid}"
+        wait_for(lambda: proc.poll() is None and app.counters.exists(ready), 60, "worker up")
+        return proc
+
+    yield app, start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    log.close()
+    app.broker.close()
+    app.counters.close()

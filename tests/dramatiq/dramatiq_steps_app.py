@@ -1,10 +1,12 @@
-"""A Dramatiq app whose actor runs three steps and kills its own worker after the second.
+"""A Dramatiq app whose actor runs three steps and kills its own worker after the second,
+and, with ``IDT_SQL_URL``, one that writes a payment row through ``idemtask.sql.atomic`` and
+kills its own worker right after the commit.
 
 The test process calls :func:`build` to send; ``python dramatiq_steps_app.py`` runs a worker
 on the same RedisBroker. On the first run only, the body SIGKILLs its process after step 2
-is recorded; every step's effect is counted in Redis, so the test can read what each
-process did. Variables: ``IDT_BROKER_URL``, ``IDT_NAMESPACE``, ``IDT_STORE_URL``,
-``IDT_COUNTER_URL``, ``IDT_LEASE``.
+is recorded (after the commit); every step's effect is counted in Redis, so the test can
+read what each process did. Variables: ``IDT_BROKER_URL``, ``IDT_NAMESPACE``,
+``IDT_STORE_URL``, ``IDT_COUNTER_URL``, ``IDT_LEASE``, ``IDT_SQL_URL`` (optional).
 """
 
 from __future__ import annotations
@@ -21,13 +23,26 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Retries
 from dramatiq.results import Results
 from dramatiq.results.backends import RedisBackend
+from sqlalchemy import Column, Integer, MetaData, Table, Text, create_engine
+from sqlalchemy.orm import Session
 
 import idemtask
+import idemtask.sql
 from idemtask import events
 from idemtask.dramatiq import IdempotencyMiddleware
 
 HEARTBEAT_TIMEOUT_MS = 2_000
 STEPS = ("reserve", "charge", "write")
+
+#: The user's table of the ``sql_pay`` actor.
+user_md = MetaData()
+payments = Table(
+    "payments",
+    user_md,
+    Column("id", Integer, primary_key=True),
+    Column("order_id", Text, nullable=False),
+    Column("token", Integer, nullable=False),
+)
 
 
 @dataclass
@@ -36,6 +51,7 @@ class App:
     checkout: dramatiq.Actor[Any, Any]
     counters: redis.Redis
     namespace: str
+    pay: dramatiq.Actor[Any, Any] | None = None
 
     def count(self, what: str) -> int:
         return int(self.counters.get(f"{self.namespace}:{what}") or 0)
@@ -84,7 +100,30 @@ def build() -> App:
                 os.kill(os.getpid(), signal.SIGKILL)  # after step 2's effect is recorded
         return values
 
-    return App(broker, checkout, counters, namespace)
+    sql_url = env.get("IDT_SQL_URL")
+    pay = None
+    if sql_url:
+        engine = create_engine(sql_url)
+
+        @dramatiq.actor(
+            actor_name="sql_pay",
+            queue_name=f"steps_{namespace}",
+            idempotent=True,
+            store_results=True,
+            max_retries=0,
+        )
+        def pay(order: str) -> int:
+            counters.incr(key(f"runs:{order}"))
+            token = idemtask.current().fencing_token
+            with Session(engine) as session, idemtask.sql.atomic(session) as effect:
+                if not effect.replayed:
+                    session.execute(payments.insert().values(order_id=order, token=token))
+                    effect.value = token
+            if counters.incr(key(f"kill:{order}")) == 1:
+                os.kill(os.getpid(), signal.SIGKILL)  # committed, not completed in Redis
+            return int(effect.value)
+
+    return App(broker, checkout, counters, namespace, pay)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from idemtask.testing.chaos.broker import Broker, ExternalRabbitMQ
+from idemtask.testing.chaos.effects import MODES
 from idemtask.testing.chaos.runner import Scenario, run_scenario
 
 #: Faults per 10 000 keys in a long run, and the floor for smaller runs.
@@ -50,6 +51,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         type=int,
         help=f"how many of the kills land between completion and ack "
         f"(default {LONG_RUN['kills_after_end']})",
+    )
+    parser.add_argument(
+        "--kills-after-effect",
+        type=int,
+        default=0,
+        help="how many of the kills are aimed between a body's effect and its completion "
+        "(default %(default)s; the other mid-body kills land there by chance)",
     )
     parser.add_argument("--stops", type=int, help=f"default {LONG_RUN['stops']}")
     parser.add_argument(
@@ -94,6 +102,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, help="give up after this (default 3x duration)")
     parser.add_argument("--workdir", type=Path, help="keep logs, plan and result.json here")
     parser.add_argument(
+        "--effects",
+        choices=MODES,
+        default="plain",
+        help="how the body does its side effect: recorded in the ledger (plain), inside "
+        "idemtask.step (steps), or as a row written through idemtask.sql.atomic (sql)",
+    )
+    parser.add_argument(
+        "--sql-url",
+        help="SQLAlchemy URL of a scratch database for --effects sql (its tables "
+        "idemtask_effects and idemtask_chaos_effects are emptied; default: a SQLite file in "
+        "the run's directory)",
+    )
+    parser.add_argument(
         "--rabbitmq-url", help="AMQP URL of the running RabbitMQ node (--broker rabbitmq)"
     )
     parser.add_argument(
@@ -127,6 +148,7 @@ def main(argv: list[str] | None = None, rabbitmq: Broker | None = None) -> int:
             if args.kills_after_end is not None
             else LONG_RUN["kills_after_end"]
         ),
+        kills_after_effect=args.kills_after_effect,
         stops=args.stops if args.stops is not None else LONG_RUN["stops"],
         store_restarts=restarts,
         broker_restarts=restarts if args.broker == "rabbitmq" and _restartable(rabbitmq) else 0,
@@ -140,6 +162,8 @@ def main(argv: list[str] | None = None, rabbitmq: Broker | None = None) -> int:
         lease=args.lease,
         timeout=args.timeout if args.timeout is not None else max(300.0, 3 * duration),
         workdir=args.workdir,
+        effects=args.effects,
+        sql_url=args.sql_url,
     )
     result = run_scenario(scenario, log=lambda line: print(line, flush=True), rabbitmq=rabbitmq)
     print(json.dumps(result.figures(), indent=2))

@@ -13,6 +13,9 @@ Faults (each written to the ledger):
   Dramatiq worker process, which the runner replaces, as a supervisor would);
 * ``kill_after_end``: SIGKILL of a process after its body's completion was recorded and
   before the broker ack (the jobs planned to linger wait there);
+* ``kill_after_effect``: SIGKILL of a process whose body did its side effect (see
+  ``effects``: plain, in a step, or committed through ``idemtask.sql``) and has not
+  returned: the window between effect and completion;
 * ``stop``: SIGSTOP of a process inside a body for longer than its lease and than the
   broker's redelivery delay, then SIGCONT: another worker takes the key over, and the frozen
   holder's completion must be rejected as stale;
@@ -55,7 +58,7 @@ from typing import Any
 
 from idemtask.store.base import State
 from idemtask.store.redis import RedisStore
-from idemtask.testing.chaos import workload
+from idemtask.testing.chaos import effects, workload
 from idemtask.testing.chaos.broker import Broker
 from idemtask.testing.checks import TTL_SLACK, Report, analyse
 from idemtask.testing.faults import ErrorReplies, Faults, children
@@ -77,19 +80,32 @@ BROKER_RESTART_ESTIMATE = 10.0
 ACKING_WINDOW = 0.2
 #: A body is a target for a kill or a stop while it has at least this long left to run.
 BODY_MARGIN = 0.05
+#: The same for a kill between effect and completion: the body's end by the plan is a lower
+#: bound of its real end, so only the time from the look to the kill needs covering.
+AFTER_EFFECT_MARGIN = 0.01
 #: Faults that refuse the store's writes with an error reply, and network faults.
 ERROR_FAULTS = ErrorReplies.KINDS
 NET_FAULTS = ("latency", "drop", "blackhole")
 #: Kills and stops need a body to hit.
-HIT_FAULTS = ("kill", "stop", "kill_after_end")
+HIT_FAULTS = ("kill", "stop", "kill_after_end", "kill_after_effect")
+
+#: Figures from the ledger's ``effect`` entries, which ``sql`` mode does not write.
+LEDGER_EFFECT_FIGURES = (
+    "repeated effects not explained by a crash",
+    "repeated effects after a kill",
+    "repeated effects by a holder whose lease was lost",
+    "repeated effects after a run that ended unrecorded",
+)
 
 Log = Callable[[str], None]
 
 
 @dataclass
 class Scenario:
-    """What to run. ``kills`` includes ``kills_after_end``; faults and submissions are spread
-    over ``duration`` seconds."""
+    """What to run. ``kills`` includes ``kills_after_end`` and ``kills_after_effect``; faults
+    and submissions are spread over ``duration`` seconds. ``effects`` is how the body does
+    its side effect (``effects.MODES``); ``sql`` mode writes to ``sql_url``, by default a
+    SQLite file in the run's directory."""
 
     framework: str  # "celery" or "dramatiq"
     broker: str = "redis"  # "redis", or "rabbitmq" for Dramatiq
@@ -97,6 +113,7 @@ class Scenario:
     seed: int = 1
     kills: int = 3
     kills_after_end: int = 1
+    kills_after_effect: int = 0
     stops: int = 1
     store_restarts: int = 1
     broker_restarts: int = 0
@@ -118,14 +135,20 @@ class Scenario:
     blackhole_seconds: float = 6.0
     timeout: float = 600.0  # give up (and report the keys not completed) after this
     workdir: Path | None = None
+    effects: str = "plain"
+    sql_url: str | None = None
 
     def __post_init__(self) -> None:
         if (self.framework, self.broker) not in SCENARIOS:
             raise ValueError(f"no scenario {self.framework}/{self.broker}; have {SCENARIOS}")
         if self.broker_restarts and self.broker != "rabbitmq":
             raise ValueError("broker restarts are part of the RabbitMQ scenario only")
-        if self.kills_after_end > self.kills:
-            raise ValueError("kills_after_end is part of kills")
+        if self.kills_after_end + self.kills_after_effect > self.kills:
+            raise ValueError("kills_after_end and kills_after_effect are part of kills")
+        if self.effects not in effects.MODES:
+            raise ValueError(f"no effects mode {self.effects!r}; have {effects.MODES}")
+        if self.sql_url and self.effects != "sql":
+            raise ValueError("sql_url is for the sql effects mode")
         if self.result_ttl < self.lease:
             raise ValueError("result_ttl must be at least the lease")
         if self.long_bodies + self.cpu_bodies > self.keys:
@@ -177,8 +200,8 @@ class Scenario:
 
     def schedule(self) -> list[str]:
         """The faults in their order of preference: kills between completion and ack first
-        (their target, a lingering delivery, is the rarest), then kills and stops in a seeded
-        order, server restarts last.
+        (their target, a lingering delivery, is the rarest), then kills between effect and
+        completion, then kills and stops in a seeded order, server restarts last.
 
         Kills and stops need a body to hit, and bodies thin out towards the end of a run (the
         last submissions are mostly copies of completed keys, which are replayed); restarts
@@ -186,7 +209,8 @@ class Scenario:
         goes.
         """
         rng = random.Random(f"schedule-{self.seed}")
-        hits = ["kill"] * (self.kills - self.kills_after_end) + ["stop"] * self.stops
+        mid_body = self.kills - self.kills_after_end - self.kills_after_effect
+        hits = ["kill"] * mid_body + ["stop"] * self.stops
         restarts = ["store_restart"] * self.store_restarts
         restarts += ["broker_restart"] * self.broker_restarts
         rng.shuffle(hits)
@@ -199,7 +223,9 @@ class Scenario:
         random.Random(f"store-faults-{self.seed}").shuffle(others)
         for fault in others:
             restarts.insert(rng.randrange(len(restarts) + 1), fault)
-        return ["kill_after_end"] * self.kills_after_end + hits + restarts
+        aimed = ["kill_after_end"] * self.kills_after_end
+        aimed += ["kill_after_effect"] * self.kills_after_effect
+        return aimed + hits + restarts
 
 
 SCENARIOS = (("celery", "redis"), ("dramatiq", "redis"), ("dramatiq", "rabbitmq"))
@@ -220,16 +246,29 @@ class Result:
     store_not_done: list[str]  # keys whose record is not ``done`` at the end
     sends_refused: int = 0  # producer sends that raised (and were retried)
     fault_log: list[str] = field(default_factory=list)
+    effects: str = "plain"
+    #: ``sql`` mode: the user table's rows per key at the end (the committed effects).
+    effect_rows: dict[str, int] | None = None
+    #: ``sql`` mode: keys submitted but without a committed effect row.
+    database_missing: list[str] = field(default_factory=list)
+
+    @property
+    def database_repeats(self) -> list[str]:
+        """``sql`` mode: keys with more than one committed effect row."""
+        rows = self.effect_rows or {}
+        return [f"{key}: {n} rows" for key, n in sorted(rows.items()) if n > 1]
 
     def figures(self) -> dict[str, Any]:
         figures: dict[str, Any] = {
             "scenario": self.scenario,
+            "effects": self.effects,
             "seed": self.seed,
             "keys": self.keys,
             "messages": self.messages,
             "seconds": round(self.seconds, 1),
             "kills mid-body": self.faults["kill"],
             "kills between completion and ack": self.faults["kill_after_end"],
+            "kills aimed between effect and completion": self.faults["kill_after_effect"],
             "stops": self.faults["stop"],
             "store restarts": self.faults["store_restart"],
             "broker restarts": self.faults["broker_restart"],
@@ -244,6 +283,14 @@ class Result:
             "store records not done": len(self.store_not_done),
         }
         figures.update(self.report.as_dict())
+        if self.effect_rows is not None:
+            # The effect is the committed row, not a ledger entry (see ``effects``): the
+            # ledger's effect figures would count nothing.
+            for name in LEDGER_EFFECT_FIGURES:
+                figures.pop(name)
+            figures["database effect rows"] = sum(self.effect_rows.values())
+            figures["repeated effects"] = len(self.database_repeats)
+            figures["keys without an effect row"] = len(self.database_missing)
         return figures
 
     @property
@@ -261,6 +308,8 @@ class Result:
             "stale fenced writes accepted": report.stale_fenced_writes_accepted,
             "token regressions": report.token_regressions,
             "deliveries acked without a run or a replay": report.acked_without_run,
+            "repeated database effects": self.database_repeats,
+            "keys without an effect row": self.database_missing,
         }
         return {name: items for name, items in found.items() if items}
 
@@ -276,6 +325,7 @@ class _Follower:
         self.length: dict[str, float] = {}  # body length by the guard's key
         self.bodies: dict[int, dict[str, float]] = {}  # pid -> key -> start of its body
         self.acking: dict[int, float] = {}
+        self.effect_done: dict[int, set[str]] = {}  # pid -> keys whose running body did it
         self.completed: set[str] = set()
         self.submitted = 0
         self.producers_done = 0
@@ -297,9 +347,13 @@ class _Follower:
             self.bodies.setdefault(entry.pid, {})[entry.key] = entry.at
         elif kind == "end":
             self.bodies.get(entry.pid, {}).pop(entry.key, None)
+            self.effect_done.get(entry.pid, set()).discard(entry.key)
+        elif kind == "effect_done":
+            self.effect_done.setdefault(entry.pid, set()).add(entry.key)
         elif kind == "killed":
             self.bodies.pop(entry.pid, None)
             self.acking.pop(entry.pid, None)
+            self.effect_done.pop(entry.pid, None)
         elif kind == "acking":
             self.acking[entry.pid] = entry.at
         elif kind in ("completed", "replayed"):
@@ -325,6 +379,20 @@ class _Follower:
             if any(
                 started + self.length.get(key, 0.0) - now > BODY_MARGIN and now - started > ran
                 for key, started in self.bodies.get(pid, {}).items()
+            )
+        ]
+
+    def after_effect(self, pids: list[int]) -> list[int]:
+        """Processes with a body that did its effect and, by the plan, still has
+        ``AFTER_EFFECT_MARGIN`` to run: a kill now lands between effect and completion."""
+        now = time.time()
+        return [
+            pid
+            for pid in pids
+            if any(
+                started + self.length.get(key, 0.0) - now > AFTER_EFFECT_MARGIN
+                for key, started in self.bodies.get(pid, {}).items()
+                if key in self.effect_done.get(pid, set())
             )
         ]
 
@@ -361,6 +429,9 @@ class ChaosRun:
         self.stopped: dict[int, float] = {}  # frozen pid -> when to continue it
         self._store_crash = False
         self._started = time.monotonic()
+        self.sql_url = ""
+        if scenario.effects == "sql":
+            self.sql_url = scenario.sql_url or effects.sqlite_url(self.dir)
 
     # -- set up ---------------------------------------------------------------------------
 
@@ -390,6 +461,8 @@ class ChaosRun:
             "NAMESPACE": self.namespace,
             "SEED": str(s.seed),
             "PACE": f"{pace:.6f}",
+            "EFFECTS": s.effects,
+            "SQL_URL": self.sql_url,
         }
         env = {k: v for k, v in os.environ.items() if not k.startswith(workload.ENV_PREFIX)}
         env.update({workload.ENV_PREFIX + k: v for k, v in values.items()})
@@ -414,6 +487,8 @@ class ChaosRun:
         jobs = workload.plan(s.keys, s.seed, s.special)
         self.follow = _Follower(self.ledger, {job.key: job.ms / 1000 for job in jobs})
         self.faults = Faults(self.ledger, seed=s.seed)
+        if self.sql_url:
+            effects.prepare(self.sql_url)
         self.store.start()
         self._start_store_faults()
         if s.broker == "rabbitmq":
@@ -535,6 +610,8 @@ class ChaosRun:
             targets = self._targets()
             if fault == "kill_after_end":
                 found = self.follow.lingering(targets)
+            elif fault == "kill_after_effect":
+                found = self.follow.after_effect(targets)
             else:
                 found = self.follow.in_body(targets, self.scenario.hit_after)
             pid = self.faults.pick(sorted(found))
@@ -673,6 +750,7 @@ class ChaosRun:
         entries = self.ledger.entries()
         keys = {e.key for e in entries if e.kind == "submitted"}
         report = analyse(entries, keys, result_ttl=self.scenario.result_ttl)
+        rows = effects.rows_per_key(self.sql_url) if self.sql_url else None
         return Result(
             scenario=self.scenario.name,
             seed=self.scenario.seed,
@@ -685,6 +763,9 @@ class ChaosRun:
             store_not_done=self._store_not_done(keys, entries),
             sends_refused=sum(1 for e in entries if e.kind == "send_failed"),
             fault_log=self.fault_log,
+            effects=self.scenario.effects,
+            effect_rows=rows,
+            database_missing=sorted(keys - set(rows or {})) if rows is not None else [],
         )
 
     def _store_not_done(self, keys: set[str], entries: list[Entry]) -> list[str]:
@@ -722,6 +803,8 @@ class ChaosRun:
         for server in (*servers, self.refusing_master):
             if server is not None:
                 server.close()
+        if self.sql_url:
+            effects.dispose()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from idemtask.testing.chaos import effects
 from idemtask.testing.ledger import EffectLedger
 
 #: How many times each key is submitted, and by how many producer processes.
@@ -118,15 +119,16 @@ def run_body(ledger: EffectLedger, key: str, ms: int, fenced: bool, cpu: bool = 
 
     Called inside the guard, so ``ledger.body()`` records the key, the attempt and the
     fencing token; a kill lands before, between or after the effects depending on timing.
+    The effect is done the run's way (``IDTCHAOS_EFFECTS``, see ``effects``); ``effect_done``
+    then tells the runner that a kill from here on falls between effect and completion.
     A ``cpu`` body spins instead of sleeping: the lease keeper thread only runs when the
     interpreter hands it the GIL.
     """
     wait = spin if cpu else time.sleep
     with ledger.body():
         wait(ms / 2000)
-        ledger.effect()
-        if fenced:
-            ledger.fenced_effect()
+        effects.do_effect(ledger, env("EFFECTS", "plain"), fenced, env("SQL_URL", ""))
+        ledger.effect_done()
         wait(ms / 2000)
     return key
 
