@@ -222,7 +222,9 @@ def _replicate(replica: RedisServer, primary: RedisServer) -> None:
 def test_acl_without_evalsha(server: RedisServer) -> None:
     prepared = _prepare(server.port)
     admin = server.client()
-    admin.acl_setuser(USER, commands=["-evalsha", "-eval"])
+    # enabled=True: ACL SETUSER without "on" turns the user off, and a new connection
+    # would then fail to authenticate instead of being refused the command.
+    admin.acl_setuser(USER, enabled=True, commands=["-evalsha", "-eval"])
     failed = _failures(prepared)
     _assert_refused(failed, "NOPERM", WRITES - {"forget"})  # DEL is still allowed
 
