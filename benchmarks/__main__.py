@@ -18,7 +18,17 @@ from typing import Any
 from benchmarks.common import Servers, load_average, machine, servers
 from benchmarks.report import render
 
-SECTIONS = ("keys", "memory", "commands", "enqueue", "execute", "steps", "celery", "dramatiq")
+SECTIONS = (
+    "keys",
+    "memory",
+    "commands",
+    "enqueue",
+    "execute",
+    "steps",
+    "celery",
+    "dramatiq",
+    "storecalls",
+)
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,7 @@ class Sizes:
     command_tasks: int = 200
     memory_records: int = 100_000
     key_loops: int = 2000
+    store_calls: int = 5000
 
 
 FULL = Sizes()
@@ -49,6 +60,7 @@ QUICK = Sizes(
     command_tasks=20,
     memory_records=10_000,
     key_loops=500,
+    store_calls=1000,
 )
 
 #: How each section runs: without servers (``None``) or with the benchmark's two servers.
@@ -58,6 +70,7 @@ Runner = Callable[[Servers | None, Sizes], Any]
 def _runners() -> dict[str, Runner]:
     """Imported on use: the end-to-end modules pull in both frameworks."""
     from benchmarks import celery_e2e, commands, dramatiq_e2e, memory, percall, steps
+    from benchmarks.store_calls import bench_store_calls
 
     def served(found: Servers | None) -> Servers:
         assert found is not None
@@ -76,6 +89,7 @@ def _runners() -> dict[str, Runner]:
         "dramatiq": lambda f, s: dramatiq_e2e.bench_dramatiq(
             served(f), s.dramatiq_calls, s.dramatiq_rounds, s.latency_calls
         ),
+        "storecalls": lambda f, s: bench_store_calls(served(f), s.store_calls),
     }
 
 

@@ -315,7 +315,9 @@ def test_a_server_that_is_not_redis() -> None:
     assert set(failed) == set(_operations(prepared))
     for name, exc in failed.items():
         assert isinstance(exc, StoreUnreachable), f"{name}: {exc!r}"
-        assert "Redis protocol" in str(exc) and "HTTP/1.1 400" in str(exc)
+        # redis-py's own parser quotes the line; hiredis names the first byte.
+        assert "Redis protocol" in str(exc)
+        assert "HTTP/1.1 400" in str(exc) or 'got "H"' in str(exc), str(exc)
     _assert_no_secret(failed)
 
 
