@@ -4,9 +4,10 @@ current primary): one connection per thread, EVALSHA packed once, the reply read
 Each transition is one EVALSHA, and the client's general command path costs more than the
 round trip itself: a pool checkout and its readiness poll, the retry wrapper, the metrics
 hooks, a fresh packing of every argument. Here each thread (in each process: a forked child
-takes its own) keeps one connection taken from the client's own pool, so it has exactly the
-host, database, credentials, TLS settings, timeouts, parser (hiredis when installed) and
-retry policy the user configured. What the client's path guarantees is kept:
+takes its own) keeps one connection made as the client's pool makes its own, so it has
+exactly the host, database, credentials, TLS settings, timeouts, parser (hiredis when
+installed) and retry policy the user configured; it is not counted against the pool's
+``max_connections``. What the client's path guarantees is kept:
 
 * before each call the connection is checked as the pool checks one it hands out: a server
   that closed it (a restart, an idle timeout) or unread data means a fresh connection,
@@ -19,13 +20,12 @@ retry policy the user configured. What the client's path guarantees is kept:
   disconnects it, so a half-read reply can never be taken for the next one's;
 * every exception is the client's own type, classified by ``idemtask.store.failures``.
 
-``client.close()`` (the pool's ``disconnect``) closes these connections too; the next call
-reconnects. A thread's connection goes back to the pool when the thread ends.
+A thread's connection is closed when the thread ends, or when the store is dropped;
+``client.close()`` closes the pool's connections, not these.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import select
 import threading
@@ -49,21 +49,17 @@ def supports(client: Any) -> bool:
 
 
 class _Held:
-    """One thread's connection, given back to the pool when the thread (or the caller that
-    made it) is gone."""
+    """One thread's connection and the process that opened it, closed when its thread ends
+    or its caller is dropped (in a forked child, redis-py's ``disconnect`` closes only the
+    child's copy of the socket and leaves the parent's connection be)."""
 
     __slots__ = ("__weakref__", "connection", "pid")
 
-    def __init__(self, pool: redis.ConnectionPool, connection: Any) -> None:
+    def __init__(self, connection: Any) -> None:
         self.connection = connection
         self.pid = os.getpid()
-        done = weakref.finalize(self, _give_back, pool, connection, self.pid)
-        done.atexit = False
-
-
-def _give_back(pool: redis.ConnectionPool, connection: Any, pid: int) -> None:
-    if os.getpid() == pid:  # a forked child must not touch its parent's connections
-        pool.release(connection)
+        closing = weakref.finalize(self, connection.disconnect)
+        closing.atexit = False
 
 
 class ScriptCaller:
@@ -78,16 +74,11 @@ class ScriptCaller:
         self._legacy_failure: Callable[[Any, Exception], None] | None = getattr(
             client, "_disconnect_raise", None
         )
-        checkout = self._pool.get_connection
-        needs_name = _requires_command_name(checkout)
-        self._checkout: Callable[[], Any] = (
-            (lambda: checkout("EVALSHA")) if needs_name else checkout
-        )
 
     def call(self, sha: str, source: Any, key: str, args: Sequence[Any]) -> Any:
         """``EVALSHA sha 1 key *args``; on NOSCRIPT, ``SCRIPT LOAD source`` and once more."""
         connection = self._connection()
-        _make_ready(connection)
+        _make_ready(connection, self._pool)
         packed = self._pack(connection, sha, key, args)
         try:
             return self._round_trip(connection, (packed,))
@@ -100,9 +91,16 @@ class ScriptCaller:
     def _connection(self) -> Any:
         held: _Held | None = getattr(self._local, "held", None)
         if held is None or held.pid != os.getpid():
-            held = _Held(self._pool, self._checkout())
+            held = _Held(self._open())
             self._local.held = held
         return held.connection
+
+    def _open(self) -> Any:
+        """A connection made as the pool makes its own (its class, its settings: host,
+        database, credentials, TLS, timeouts, parser, retry), outside its count, so that
+        threads holding one take nothing from a bounded pool. Connected on first send."""
+        pool = self._pool
+        return pool.connection_class(**dict(pool.connection_kwargs))
 
     def _pack(self, connection: Any, sha: str, key: str, args: Sequence[Any]) -> bytes:
         """The whole command as one buffer: the constant head (command, SHA, key count) is
@@ -127,6 +125,10 @@ class ScriptCaller:
         """Send the buffers, read one reply; retried as the connection's ``Retry`` says."""
 
         def send_and_read() -> Any:
+            if getattr(connection, "_sock", None) is None:
+                # A retry after a disconnect. The connection's own connect: a Sentinel
+                # connection asks the sentinels for the primary here (a send would not).
+                connection.connect()
             connection.send_packed_command(packed)
             return connection.read_response()
 
@@ -151,18 +153,24 @@ class ScriptCaller:
         return reply
 
 
-def _make_ready(connection: Any) -> None:
-    """Drop a connection the server closed or that holds data nobody asked for, as
-    ``ConnectionPool.get_connection`` does; the next send connects again."""
+def _make_ready(connection: Any, pool: redis.ConnectionPool) -> None:
+    """Connect, or drop a connection the server closed or that holds data nobody asked for
+    (the call then connects again), as ``ConnectionPool.get_connection`` does."""
     sock = getattr(connection, "_sock", None)
     if sock is None:
-        return  # not connected: the send connects
+        connection.connect()  # as the pool's checkout does: outside the command's retries
+        return
     if not _readable(sock.fileno()):
         return  # nothing to read: in step, and the server has not hung up
     try:
         stale = connection.can_read()  # data, or a TLS record that carries none
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
         stale = True
+    else:
+        # Server maintenance notices (redis-py ≥ 7, RESP3) arrive unasked: data the pool
+        # keeps too, for the parser to handle with the next reply.
+        notices = getattr(pool, "maint_notifications_enabled", None)
+        stale = stale and not (notices is not None and notices())
     if stale:
         connection.disconnect()
 
@@ -173,12 +181,3 @@ def _readable(fd: int) -> bool:
         poller.register(fd, select.POLLIN)
         return bool(poller.poll(0))
     return bool(select.select([fd], [], [], 0)[0])  # Windows has no poll
-
-
-def _requires_command_name(checkout: Callable[..., Any]) -> bool:
-    """redis-py < 5.3 takes the command's name when a connection is checked out."""
-    try:
-        parameter = inspect.signature(checkout).parameters.get("command_name")
-    except (TypeError, ValueError):
-        return False
-    return parameter is not None and parameter.default is inspect.Parameter.empty
