@@ -28,6 +28,7 @@ SECTIONS = (
     "busy",
     "celery",
     "dramatiq",
+    "storecalls",
 )
 
 
@@ -45,6 +46,7 @@ class Sizes:
     memory_records: int = 100_000
     key_loops: int = 2000
     busy_rounds: int = 20
+    store_calls: int = 5000
 
 
 FULL = Sizes()
@@ -61,6 +63,7 @@ QUICK = Sizes(
     memory_records=10_000,
     key_loops=500,
     busy_rounds=4,
+    store_calls=1000,
 )
 
 #: How each section runs: without servers (``None``) or with the benchmark's two servers.
@@ -70,6 +73,7 @@ Runner = Callable[[Servers | None, Sizes], Any]
 def _runners() -> dict[str, Runner]:
     """Imported on use: the end-to-end modules pull in both frameworks."""
     from benchmarks import busy_latency, celery_e2e, commands, dramatiq_e2e, memory, percall, steps
+    from benchmarks.store_calls import bench_store_calls
 
     def served(found: Servers | None) -> Servers:
         assert found is not None
@@ -89,6 +93,7 @@ def _runners() -> dict[str, Runner]:
         "dramatiq": lambda f, s: dramatiq_e2e.bench_dramatiq(
             served(f), s.dramatiq_calls, s.dramatiq_rounds, s.latency_calls
         ),
+        "storecalls": lambda f, s: bench_store_calls(served(f), s.store_calls),
     }
 
 

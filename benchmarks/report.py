@@ -8,6 +8,7 @@ from typing import Any
 
 from benchmarks import e2e_figures as fig
 from benchmarks import variants
+from benchmarks.store_calls import summary_lines
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,7 @@ SECTION_ROWS: dict[str, Callable[[Any], list[Row]]] = {
     "busy": busy_rows,
     "commands": commands_rows,
     "memory": memory_rows,
+    "storecalls": lambda figures: [Row(m, f, "", None) for m, f in summary_lines(figures)],
 }
 
 

@@ -27,6 +27,7 @@ from redis.commands.core import Script
 from idemtask.store.base import Lease, Outcome, Record, State, Status, StoredResult
 from idemtask.store.cluster import cluster_client, is_cluster_url, is_sentinel_url, sentinel_client
 from idemtask.store.failures import FAILURES, TOPOLOGY, classify, client_secrets, guarded
+from idemtask.store.wire import ScriptCaller, supports
 
 T = TypeVar("T")
 
@@ -52,6 +53,10 @@ class RedisStore:
     completion is still COMPLETED (it is recorded on the primary, and the task's side effects
     already happened: raising would only make the caller retry a finished task); the store
     logs a warning and counts it in ``wait_shortfalls``.
+
+    On a single server or Sentinel's primary, the one-key scripts go over a connection of
+    the calling thread's own (``idemtask.store.wire``); ``lean_calls=False`` sends them
+    through redis-py's command path instead (what the benchmark compares it with).
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class RedisStore:
         prefix: str = "idemtask",
         wait_replicas: int = 0,
         wait_timeout_ms: int = 100,
+        lean_calls: bool = True,
     ) -> None:
         if wait_replicas < 0 or wait_timeout_ms < 1:
             # WAIT n 0 would block until the replicas answer, however long that takes.
@@ -74,6 +80,8 @@ class RedisStore:
         self._client: Any = None
         self._scripts: dict[str, Script] = {}
         self._secrets: tuple[str, ...] = ()
+        self._lean_calls = lean_calls
+        self._caller: ScriptCaller | None = None
         self.is_cluster = isinstance(client, RedisCluster)
         if client is not None:
             self._use(client)
@@ -81,6 +89,8 @@ class RedisStore:
     def _use(self, client: Any) -> None:
         self._secrets = client_secrets(client)  # masked in every error message
         self._scripts = {name: client.register_script(script_source(name)) for name in _OPERATIONS}
+        if self._lean_calls and supports(client):
+            self._caller = ScriptCaller(client)
         self._client = client
 
     @property
@@ -103,6 +113,7 @@ class RedisStore:
         prefix: str = "idemtask",
         wait_replicas: int = 0,
         wait_timeout_ms: int = 100,
+        lean_calls: bool = True,
         **client_options: Any,
     ) -> RedisStore:
         """Build the client the URL names: ``redis://``, ``rediss://``, ``unix://``,
@@ -117,6 +128,7 @@ class RedisStore:
             "prefix": prefix,
             "wait_replicas": wait_replicas,
             "wait_timeout_ms": wait_timeout_ms,
+            "lean_calls": lean_calls,
         }
         if is_cluster_url(url):
             return cls._cluster(partial(cluster_client, url, **options), settings)
@@ -144,6 +156,11 @@ class RedisStore:
         return f"{self.prefix}:{{{key}}}"
 
     def _call(self, name: str, key: str, *args: Any) -> Any:
+        caller = self._caller
+        if caller is not None:
+            script = self._scripts[name]
+            record = self.record_name(key)
+            return self._guarded(lambda: caller.call(script.sha, script.script, record, args))
         return self._guarded(lambda: self._script(name)(keys=[self.record_name(key)], args=args))
 
     # -- transitions ---------------------------------------------------------------------

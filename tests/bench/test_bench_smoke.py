@@ -34,6 +34,7 @@ TINY = Sizes(
     memory_records=500,
     key_loops=20,
     busy_rounds=1,
+    store_calls=20,
 )
 
 
@@ -86,6 +87,9 @@ def test_every_section_runs_and_the_command_counts_hold(tmp_path: Path) -> None:
     steps = results["steps"]["commands"]
     assert steps["plain body"]["sent"] == {"evalsha": 2 * TINY.step_calls}
     assert steps["one step"]["sent"] == {"evalsha": 3 * TINY.step_calls}
+
+    # The store-call section measured every call path and the saving.
+    assert set(results["storecalls"]["summary"]) >= {"raw socket", "saved"}
 
     memory = results["memory"]
     assert memory["bulk_sample_memory_usage"] == [memory["memory_usage_one_record"]]

@@ -17,13 +17,14 @@ LEASE_MS = 200
 TTL_MS = 60_000
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-client-path"])
 def store(request: pytest.FixtureRequest) -> Iterator[Store]:
     if request.param == "memory":
         yield MemoryStore()
         return
     url = request.getfixturevalue("redis_url")
-    redis_store = RedisStore.from_url(url)
+    # redis-client-path: the scripts through redis-py's command path, as on a cluster.
+    redis_store = RedisStore.from_url(url, lean_calls=request.param == "redis")
     yield redis_store
     redis_store.client.close()
 

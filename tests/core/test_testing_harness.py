@@ -86,11 +86,13 @@ def test_a_real_run_with_a_stopped_holder(
     policy = Policy(lease=0.3, result_ttl=60)
     keys = [uuid.uuid4().hex for _ in range(5)]
     frozen = keys[0]
+    frozen_holds = threading.Event()
 
     def body() -> str:
         with idemtask_ledger.body() as execution:
             if execution.key == frozen and execution.fencing_token == 1:
                 guard_a.leases.drop(execution.attempt_id)  # frozen: no renewal
+                frozen_holds.set()
                 time.sleep(0.6)
             idemtask_ledger.fenced_effect()
             return execution.key
@@ -115,8 +117,11 @@ def test_a_real_run_with_a_stopped_holder(
                     break
 
     threads = [threading.Thread(target=worker, args=(g,)) for g in (guard_a, guard_b)]
-    for t in threads:
-        t.start()
+    # guard_a must be the one holding the frozen key (its lease is the one dropped): the
+    # other starts once it does, rather than racing it for the first acquire.
+    threads[0].start()
+    assert frozen_holds.wait(30), "guard_a never took the frozen key"
+    threads[1].start()
     for t in threads:
         t.join()
     entries = idemtask_ledger.entries()
