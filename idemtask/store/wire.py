@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import select
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -40,12 +41,26 @@ from redis.cluster import RedisCluster
 
 def supports(client: Any) -> bool:
     """Whether ``client`` is a plain ``redis.Redis`` on a pool of its own connections
-    (a standalone server or a Sentinel-managed primary), the case this path is for."""
+    (a standalone server or a Sentinel-managed primary), the case this path is for, in a
+    process whose threads are real threads."""
     if not isinstance(client, redis.Redis) or isinstance(client, (Pipeline, RedisCluster)):
+        return False
+    if green_threads():
         return False
     pool = getattr(client, "connection_pool", None)
     # Client-side caching wraps the pool's connections in a proxy of its own: leave it alone.
     return isinstance(pool, redis.ConnectionPool) and getattr(pool, "cache", None) is None
+
+
+def green_threads() -> bool:
+    """Whether gevent or eventlet replaced ``threading`` (Celery's ``-P gevent`` and
+    ``-P eventlet``): each greenlet is then a "thread", so a connection per thread would be
+    a new connection per task; the pool's connections are shared by the tasks instead."""
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched("threading"):
+        return True
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    return eventlet_patcher is not None and bool(eventlet_patcher.is_monkey_patched("thread"))
 
 
 class _Held:

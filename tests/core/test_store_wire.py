@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -147,3 +148,50 @@ def test_a_pipeline_keeps_redis_pys_path(redis_url: str) -> None:
     assert RedisStore(client, lean_calls=False)._caller is None
     assert RedisStore(client.pipeline())._caller is None
     client.close()
+
+
+GREEN_WORKLOAD = """
+import sys
+from gevent import monkey
+
+monkey.patch_all()
+import gevent
+import pytest
+import redis
+
+from idemtask.store import RedisStore
+
+url = sys.argv[1]
+store = RedisStore.from_url(url)
+admin = redis.Redis.from_url(url)
+
+
+def one(i):
+    store.acquire(f"green{i}", task_id=f"t{i}", attempt_id=f"a{i}", task_name="n",
+                  fingerprint="", lease_ms=5000, max_deliveries=5, ttl_ms=60000)
+
+
+before = admin.info("stats")["total_connections_received"]
+for batch in range(4):  # four rounds of 50 concurrent tasks, each task its own greenlet
+    gevent.joinall([gevent.spawn(one, batch * 50 + i) for i in range(50)])
+print(admin.info("stats")["total_connections_received"] - before)
+"""
+
+
+def test_green_threads_share_the_pool_instead_of_a_connection_each(redis_url: str) -> None:
+    """Under gevent (Celery's ``-P gevent``) every greenlet is a "thread": a connection per
+    thread would be a new connection per task. Those calls take the pool's path, whose
+    connections the next tasks reuse: no more than the tasks that ran at once."""
+    pytest.importorskip("gevent")
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", GREEN_WORKLOAD, redis_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    opened = int(done.stdout.split()[-1])
+    assert opened <= 50, f"{opened} connections for 200 tasks, 50 at a time"
