@@ -13,6 +13,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from idemtask.store.base import Acquired
 from idemtask.store.redis import RedisStore, script_source
 from idemtask.testing.launcher import RedisServer
 
@@ -89,6 +90,7 @@ def _api_record(store: RedisStore) -> str:
         max_deliveries=5,
         ttl_ms=TTL_MS,
     )
+    assert isinstance(acquired, Acquired), acquired
     store.complete(
         key, attempt_id=attempt, token=acquired.token, result=RESULT, result_ttl_ms=TTL_MS
     )

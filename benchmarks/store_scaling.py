@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from idemtask.store import RedisStore, Status
+from idemtask.store import Acquired, Completed, New, RedisStore
 from idemtask.testing.launcher import RedisServer
 
 from servers_cluster import LocalCluster
@@ -47,11 +47,11 @@ ACQUIRE: dict[str, Any] = {
 
 
 def one_task(store: RedisStore, key: str) -> None:
-    assert store.reserve(key, task_id="t", reservation_ms=30_000, **RESERVE).status is Status.NEW
+    assert isinstance(store.reserve(key, task_id="t", reservation_ms=30_000, **RESERVE), New)
     out = store.acquire(key, task_id="t", attempt_id="a", **ACQUIRE)
-    assert out.status is Status.ACQUIRED
+    assert isinstance(out, Acquired), out
     done = store.complete(key, attempt_id="a", token=out.token, result=b"1", result_ttl_ms=TTL_MS)
-    assert done.status is Status.COMPLETED
+    assert isinstance(done, Completed), done
 
 
 def _client(jobs: Any, start: Any, results: Any) -> None:
@@ -189,6 +189,7 @@ def wait_cost(rounds: int, completes: int) -> dict[str, Any]:
         for store in stores.values():  # connections, scripts, the replica's first ACKs
             for i in range(50):
                 out = store.acquire(f"warm-{i}", task_id="t", attempt_id="a", **ACQUIRE)
+                assert isinstance(out, Acquired), out
                 store.complete(f"warm-{i}", attempt_id="a", token=out.token, result=b"1",
                                result_ttl_ms=TTL_MS)  # fmt: skip
             store.client.delete(*[f"idemtask:{{warm-{i}}}" for i in range(50)])
@@ -201,12 +202,13 @@ def wait_cost(rounds: int, completes: int) -> dict[str, Any]:
                 for i in range(completes):
                     key = f"{prefix}-{i}"
                     out = store.acquire(key, task_id="t", attempt_id="a", **ACQUIRE)
+                    assert isinstance(out, Acquired), out
                     began = time.perf_counter()
                     done = store.complete(
                         key, attempt_id="a", token=out.token, result=b"1", result_ttl_ms=TTL_MS
                     )
                     latencies[name].append((time.perf_counter() - began) * 1e6)
-                    assert done.status is Status.COMPLETED
+                    assert isinstance(done, Completed), done
         shortfalls = stores["wait_replicas=1"].wait_shortfalls
         summary = {
             name: {

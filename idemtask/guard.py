@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from idemtask import context
 from idemtask.codecs import Codec, JsonCodec
@@ -38,7 +38,26 @@ from idemtask.identity import Call
 from idemtask.lease import LeaseKeeper
 from idemtask.policy import Policy
 from idemtask.steps import StepLog
-from idemtask.store.base import Lease, Outcome, State, Status, Store, StoredResult
+from idemtask.store.base import (
+    AcquireAnswer,
+    Acquired,
+    Busy,
+    Completed,
+    Conflict,
+    Done,
+    Duplicate,
+    Failed,
+    Lease,
+    New,
+    Poisoned,
+    Released,
+    ReserveAnswer,
+    Stale,
+    State,
+    Store,
+    StoredResult,
+    assert_never,
+)
 
 __all__ = [
     "Attempt",
@@ -55,6 +74,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("idemtask")
+
+A = TypeVar("A")  # a store answer
 
 STORE_RETRY_DELAY = 5.0  # seconds a message waits when the store cannot be reached
 #: A busy copy's first look again comes this soon (most holders finish within moments) and
@@ -204,7 +225,7 @@ class Guard:
             return None
         started = time.perf_counter()
         try:
-            outcome = self.store.reserve(
+            answer = self.store.reserve(
                 call.key,
                 task_id=task_id,
                 task_name=call.task_name,
@@ -219,32 +240,41 @@ class Guard:
             # The execute guard still protects the message; publishing loses nothing.
             logger.debug("idemtask enqueue without reservation: %s", exc)
             return None
-        return self._reserved(policy, call, task_id, outcome, time.perf_counter() - started)
+        return self._reserved(policy, call, task_id, answer, time.perf_counter() - started)
 
     def _reserved(
-        self, policy: Policy, call: Call, task_id: str, outcome: Outcome, took: float
+        self, policy: Policy, call: Call, task_id: str, answer: ReserveAnswer, took: float
     ) -> Existing | None:
-        if outcome.status is Status.NEW:
-            emit(Decision.NEW, call, task_id, duration=took)
-            return None
-        if outcome.status is Status.CONFLICT:
-            emit(Decision.CONFLICT, call, task_id, existing=outcome.task_id)
-            raise IdempotencyConflict(call.key, outcome.task_id)
-        state = outcome.state.value if outcome.state else "unknown"
+        match answer:
+            case New():
+                emit(Decision.NEW, call, task_id, duration=took)
+                return None
+            case Conflict(task_id=holder):
+                emit(Decision.CONFLICT, call, task_id, existing=holder)
+                raise IdempotencyConflict(call.key, holder)
+            case Duplicate():
+                return self._duplicate(policy, call, task_id, answer, took)
+            case _:
+                assert_never(answer)
+
+    def _duplicate(
+        self, policy: Policy, call: Call, task_id: str, duplicate: Duplicate, took: float
+    ) -> Existing | None:
+        state = duplicate.state.value
         emit(
             Decision.DUPLICATE,
             call,
             task_id,
             duration=took,
-            existing=outcome.task_id,
+            existing=duplicate.task_id,
             state=state,
             policy=policy.on_duplicate,
         )
         if policy.on_duplicate == "raise":
-            raise DuplicateTaskError(call.key, outcome.task_id, state)
+            raise DuplicateTaskError(call.key, duplicate.task_id, state)
         if policy.on_duplicate == "enqueue":
             return None
-        return Existing(outcome.task_id, outcome.state, outcome.result)
+        return Existing(duplicate.task_id, duplicate.state, duplicate.result)
 
     def cancel(self, call: Call, task_id: str) -> None:
         """Give back a reservation whose publish failed, so a later call can publish."""
@@ -313,16 +343,16 @@ class Guard:
         while True:
             attempt_id = _attempt_id()
             started = time.perf_counter()
-            outcome = self._acquire(policy, call, task_id, attempt_id, tries)
-            if outcome is None:  # store down, on_store_error="run"
+            answer = self._acquire(policy, call, task_id, attempt_id, tries)
+            if answer is None:  # store down, on_store_error="run"
                 return Attempt(call, policy, task_id, attempt_id, 0, False, guarded=False)
             took = time.perf_counter() - started
-            if outcome.status is not Status.BUSY:
-                return self._decided(policy, call, task_id, outcome, attempt_id, took)
+            if not isinstance(answer, Busy):
+                return self._decided(policy, call, task_id, answer, attempt_id, took)
             on_running = policy.on_running
             if follows is not None and self._held_by(call, follows):
                 on_running = "wait"
-            time.sleep(self._busy(policy, call, task_id, outcome, deadline, tries, on_running))
+            time.sleep(self._busy(policy, call, task_id, answer, deadline, tries, on_running))
             tries += 1
 
     def _held_by(self, call: Call, attempt_id: str) -> bool:
@@ -339,7 +369,7 @@ class Guard:
         policy: Policy,
         call: Call,
         task_id: str,
-        outcome: Outcome,
+        busy: Busy,
         deadline: float,
         tries: int,
         on_running: str | None = None,
@@ -347,14 +377,14 @@ class Guard:
         """Another attempt holds the key: how long to wait before asking again, or raise.
         ``tries``: how many times this message found it busy before."""
         on_running = on_running or policy.on_running
-        left = max(outcome.lease_left_ms / 1000.0, MIN_BUSY_DELAY)
-        holder = outcome.task_id
+        left = max(busy.lease_left_ms / 1000.0, MIN_BUSY_DELAY)
+        holder = busy.task_id
         emit(
             Decision.BUSY,
             call,
             task_id,
             holder=holder,
-            lease_left_ms=outcome.lease_left_ms,
+            lease_left_ms=busy.lease_left_ms,
             policy=on_running,
         )
         if on_running == "raise":
@@ -371,7 +401,7 @@ class Guard:
 
     def _acquire(
         self, policy: Policy, call: Call, task_id: str, attempt_id: str, tries: int = 0
-    ) -> Outcome | None:
+    ) -> AcquireAnswer | None:
         """The store's answer; None when the store is down and the policy says run anyway."""
         try:
             return self.store.acquire(
@@ -408,35 +438,30 @@ class Guard:
         policy: Policy,
         call: Call,
         task_id: str,
-        outcome: Outcome,
+        answer: Acquired | Done | Failed | Poisoned | Conflict,
         attempt_id: str,
         took: float,
     ) -> Attempt | Replay:
-        status, holder = outcome.status, outcome.task_id
-        if status is Status.ACQUIRED:
-            decision = Decision.TAKEOVER if outcome.takeover else Decision.ACQUIRED
-            emit(
-                decision,
-                call,
-                task_id,
-                duration=took,
-                token=outcome.token,
-                deliveries=outcome.deliveries,
-            )
-            return Attempt(call, policy, task_id, attempt_id, outcome.token, outcome.takeover)
-        if status is Status.DONE:
-            emit(Decision.REPLAYED, call, task_id, duration=took, original=holder)
-            return Replay(call, holder, outcome.result)
-        if status is Status.CONFLICT:
-            emit(Decision.CONFLICT, call, task_id, existing=holder)
-            raise IdempotencyConflict(call.key, holder)
-        if status is Status.POISONED:
-            emit(Decision.POISON, call, task_id, deliveries=outcome.deliveries)
-            raise PoisonMessageError(call.key, holder, outcome.error)
-        if status is Status.FAILED:
-            emit(Decision.FAILED, call, task_id, original=holder)
-            raise TaskFailedError(call.key, holder, outcome.error)
-        raise AssertionError(f"unexpected acquire outcome {outcome}")  # pragma: no cover
+        """Any answer of ``acquire`` but ``Busy``: run the body, replay, or raise."""
+        match answer:
+            case Acquired(token=token, takeover=takeover, deliveries=deliveries):
+                decision = Decision.TAKEOVER if takeover else Decision.ACQUIRED
+                emit(decision, call, task_id, duration=took, token=token, deliveries=deliveries)
+                return Attempt(call, policy, task_id, attempt_id, token, takeover)
+            case Done(task_id=holder, result=result):
+                emit(Decision.REPLAYED, call, task_id, duration=took, original=holder)
+                return Replay(call, holder, result)
+            case Conflict(task_id=holder):
+                emit(Decision.CONFLICT, call, task_id, existing=holder)
+                raise IdempotencyConflict(call.key, holder)
+            case Poisoned(task_id=holder, deliveries=deliveries, error=error):
+                emit(Decision.POISON, call, task_id, deliveries=deliveries)
+                raise PoisonMessageError(call.key, holder, error)
+            case Failed(task_id=holder, error=error):
+                emit(Decision.FAILED, call, task_id, original=holder)
+                raise TaskFailedError(call.key, holder, error)
+            case _:
+                assert_never(answer)
 
     def resume(
         self, policy: Policy, call: Call, task_id: str, attempt_id: str, token: int
@@ -498,7 +523,7 @@ class Guard:
             error = _error_text(exc)
             self._release(attempt, error, terminal=True)
             raise TaskFailedError(call.key, attempt.task_id, error) from exc
-        outcome = self._with_store_retries(
+        answer = self._with_store_retries(
             attempt,
             lambda: self.store.complete(
                 call.key,
@@ -508,15 +533,25 @@ class Guard:
                 result_ttl_ms=policy.result_ttl_ms,
             ),
         )
-        if outcome is None:
-            return value
-        if outcome.status is Status.COMPLETED:
-            emit(Decision.COMPLETED, call, attempt.task_id, token=attempt.token)
-            return value
-        state = outcome.state.value if outcome.state else "absent"
+        match answer:
+            case None:  # the store stayed down: the caller still gets its own value
+                return value
+            case Completed():
+                emit(Decision.COMPLETED, call, attempt.task_id, token=attempt.token)
+                return value
+            case Stale():
+                return self._completed_late(attempt, answer, codec)
+            case _:
+                assert_never(answer)
+
+    def _completed_late(self, attempt: Attempt, stale: Stale, codec: Codec) -> Any:
+        """Another attempt took the key over before this one completed: hand back what it
+        recorded, so every handle of the key gives one answer, or ``LeaseLostError``."""
+        call = attempt.call
+        state = stale.state.value if stale.state else "absent"
         emit(Decision.STALE_COMPLETION, call, attempt.task_id, token=attempt.token, state=state)
-        if outcome.state is State.DONE:
-            return Replay(call, outcome.task_id, outcome.result).value(codec)
+        if stale.state is State.DONE:
+            return Replay(call, stale.task_id, stale.result).value(codec)
         raise LeaseLostError(call.key)
 
     def fail(self, attempt: Attempt, exc: BaseException) -> None:
@@ -538,7 +573,7 @@ class Guard:
     ) -> None:
         self.leases.drop(attempt.attempt_id)  # nothing renews a lease being given back
         call, policy = attempt.call, attempt.policy
-        outcome = self._with_store_retries(
+        answer = self._with_store_retries(
             attempt,
             lambda: self.store.release(
                 call.key,
@@ -549,15 +584,22 @@ class Guard:
                 ttl_ms=policy.result_ttl_ms,
             ),
         )
-        if outcome is None:
-            return
-        if outcome.status is Status.STALE:
-            emit(
-                Decision.STALE_COMPLETION, call, attempt.task_id, token=attempt.token, released=True
-            )
-            return
-        kind = kind or error.partition(":")[0]
-        emit(Decision.RELEASED, call, attempt.task_id, terminal=terminal, error=kind)
+        match answer:
+            case None:
+                pass
+            case Stale():
+                emit(
+                    Decision.STALE_COMPLETION,
+                    call,
+                    attempt.task_id,
+                    token=attempt.token,
+                    released=True,
+                )
+            case Released():
+                kind = kind or error.partition(":")[0]
+                emit(Decision.RELEASED, call, attempt.task_id, terminal=terminal, error=kind)
+            case _:
+                assert_never(answer)
 
     def run(
         self, policy: Policy, call: Call, task_id: str, body: Callable[[], Any], codec: Codec
@@ -565,7 +607,7 @@ class Guard:
         """The whole execute guard in one call, for callers that run the body themselves."""
         return self.delivery(policy, call, task_id, codec).run(body)
 
-    def _with_store_retries(self, attempt: Attempt, op: Callable[[], Outcome]) -> Outcome | None:
+    def _with_store_retries(self, attempt: Attempt, op: Callable[[], A]) -> A | None:
         """Retry a final write while the lease would still be ours; None if it never landed."""
         deadline = time.monotonic() + attempt.policy.lease
         delay = 0.05

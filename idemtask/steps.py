@@ -18,17 +18,18 @@ import functools
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
 from idemtask import context
 from idemtask.codecs import Codec
 from idemtask.errors import IdempotencyError, LeaseLostError, StoreUnavailable
-from idemtask.store.base import Outcome, Status, Store
+from idemtask.store.base import Held, Recorded, Stale, Store, assert_never
 
 __all__ = ["DuplicateStepError", "Step", "StepLog", "StepRun", "StepValueError", "step"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
+A = TypeVar("A")
 
 MAX_NAME_LENGTH = 200
 _MISSING: Any = object()
@@ -62,7 +63,10 @@ class StepValueError(IdempotencyError, TypeError):
         return f"the value of step {self.name!r} (key {self.key}) cannot be recorded: {self.reason}"
 
 
-Retry = Callable[[Callable[[], Outcome]], "Outcome | None"]
+class Retry(Protocol):
+    """Runs one store call again while the attempt's lease lasts; None: it never landed."""
+
+    def __call__(self, op: Callable[[], A], /) -> A | None: ...
 
 
 class StepLog:
@@ -128,16 +132,21 @@ class StepLog:
     def record(self, name: str, value: Any) -> Any:
         """Record the step's value; returns it as the codec gives it back on replay."""
         data = self._encode(name, value)
-        outcome = self.retry(
+        answer = self.retry(
             lambda: self.store.record_step(
                 self.key, attempt_id=self.attempt_id, token=self.token, name=name, value=data
             )
         )
-        if outcome is None:
-            self.abandon(name)
-            raise StoreUnavailable(f"step {name!r} of key {self.key} could not be recorded")
-        if outcome.status is not Status.RECORDED:
-            self._lost()
+        match answer:
+            case None:
+                self.abandon(name)
+                raise StoreUnavailable(f"step {name!r} of key {self.key} could not be recorded")
+            case Stale():
+                self._lost()
+            case Recorded():
+                pass
+            case _:
+                assert_never(answer)
         with self._lock:
             if self._recorded is not None:
                 self._recorded[name] = data
@@ -145,16 +154,20 @@ class StepLog:
 
     def _load(self) -> dict[str, bytes]:
         if self._recorded is None:
-            outcome = self.retry(
+            answer = self.retry(
                 lambda: self.store.recorded_steps(
                     self.key, attempt_id=self.attempt_id, token=self.token
                 )
             )
-            if outcome is None:
-                raise StoreUnavailable(f"the steps of key {self.key} could not be read")
-            if outcome.status is not Status.HELD:
-                self._lost()
-            self._recorded = dict(outcome.steps)
+            match answer:
+                case None:
+                    raise StoreUnavailable(f"the steps of key {self.key} could not be read")
+                case Stale():
+                    self._lost()
+                case Held(steps=steps):
+                    self._recorded = dict(steps)
+                case _:
+                    assert_never(answer)
         return self._recorded
 
     def _encode(self, name: str, value: Any) -> bytes:
@@ -173,7 +186,7 @@ class StepLog:
         if self.execution.lease_lost:
             raise LeaseLostError(self.key, f"lease on idempotency key {self.key} was lost")
 
-    def _lost(self) -> None:
+    def _lost(self) -> NoReturn:
         self.execution.mark_lease_lost()
         raise LeaseLostError(
             self.key, f"lease on idempotency key {self.key} was taken over; this body stops"

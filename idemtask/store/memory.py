@@ -14,7 +14,32 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from idemtask.store.base import Lease, Outcome, Record, State, Status, StoredResult
+from idemtask.store.base import (
+    AcquireAnswer,
+    Acquired,
+    Busy,
+    CancelAnswer,
+    CompleteAnswer,
+    Completed,
+    Conflict,
+    Done,
+    Duplicate,
+    Failed,
+    Held,
+    Lease,
+    New,
+    Poisoned,
+    Record,
+    Recorded,
+    ReleaseAnswer,
+    Released,
+    ReserveAnswer,
+    Stale,
+    State,
+    StepAnswer,
+    StepsAnswer,
+    StoredResult,
+)
 
 
 @dataclass(slots=True)
@@ -117,21 +142,19 @@ class MemoryStore:
         fingerprint: str,
         reservation_ms: int,
         ttl_ms: int,
-    ) -> Outcome:
+    ) -> ReserveAnswer:
         with self._lock:
             now = self._now()
             row = self._live(key, now)
             if row is not None:
                 if _conflicts(row.fingerprint, fingerprint):
-                    return Outcome(Status.CONFLICT, task_id=row.task_id)
+                    return Conflict(row.task_id)
                 if row.state is State.DONE:
-                    return Outcome(
-                        Status.DUPLICATE, task_id=row.task_id, state=row.state, result=row.result
-                    )
+                    return Duplicate(row.task_id, row.state, row.result)
                 if row.state is State.FAILED or (
                     row.state in (State.QUEUED, State.RUNNING) and row.lease_until_ms > now
                 ):
-                    return Outcome(Status.DUPLICATE, task_id=row.task_id, state=row.state)
+                    return Duplicate(row.task_id, row.state)
             else:
                 row = self._rows[key] = _blank(now)
             row.state, row.task_id, row.task_name = State.QUEUED, task_id, task_name
@@ -140,20 +163,16 @@ class MemoryStore:
                 row.fingerprint = fingerprint
             row.keep_ttl(now, max(ttl_ms, reservation_ms))
             self._track(key, row)
-            return Outcome(Status.NEW, task_id=task_id)
+            return New(task_id)
 
-    def cancel(self, key: str, *, task_id: str) -> Outcome:
+    def cancel(self, key: str, *, task_id: str) -> CancelAnswer:
         with self._lock:
             now = self._now()
             row = self._live(key, now)
             if row is not None and row.state is State.QUEUED and row.task_id == task_id:
                 row.state, row.lease_until_ms, row.updated_ms = State.IDLE, 0, now
-                return Outcome(Status.RELEASED, task_id=task_id)
-            return Outcome(
-                Status.STALE,
-                task_id=row.task_id if row else "",
-                state=row.state if row else None,
-            )
+                return Released(task_id)
+            return _stale(row)
 
     def acquire(
         self,
@@ -166,30 +185,21 @@ class MemoryStore:
         lease_ms: int,
         max_deliveries: int,
         ttl_ms: int,
-    ) -> Outcome:
+    ) -> AcquireAnswer:
         with self._lock:
             now = self._now()
             row = self._live(key, now)
             takeover = False
             if row is not None:
                 if _conflicts(row.fingerprint, fingerprint):
-                    return Outcome(Status.CONFLICT, task_id=row.task_id)
+                    return Conflict(row.task_id)
                 if row.state is State.DONE:
-                    return Outcome(
-                        Status.DONE, task_id=row.task_id, state=row.state, result=row.result
-                    )
+                    return Done(row.task_id, row.result)
                 if row.state is State.FAILED:
-                    return Outcome(
-                        Status.FAILED, task_id=row.task_id, state=row.state, error=row.error
-                    )
+                    return Failed(row.task_id, row.error)
                 if row.state is State.RUNNING:
                     if row.lease_until_ms > now:
-                        return Outcome(
-                            Status.BUSY,
-                            task_id=row.task_id,
-                            state=row.state,
-                            lease_left_ms=row.lease_until_ms - now,
-                        )
+                        return Busy(row.task_id, row.lease_until_ms - now)
                     takeover = True
             else:
                 row = self._rows[key] = _blank(now)
@@ -198,13 +208,7 @@ class MemoryStore:
                 row.error = f"poison: {deliveries} deliveries ended without a result"
                 row.finish(State.FAILED, now, ttl_ms)
                 self._track(key, row)
-                return Outcome(
-                    Status.POISONED,
-                    task_id=row.task_id,
-                    state=row.state,
-                    deliveries=deliveries,
-                    error=row.error,
-                )
+                return Poisoned(row.task_id, deliveries, row.error)
             row.token += 1
             row.deliveries += 1
             row.state, row.task_id, row.task_name, row.holder = (
@@ -218,14 +222,7 @@ class MemoryStore:
             self._track(key, row)
             if fingerprint:
                 row.fingerprint = fingerprint
-            return Outcome(
-                Status.ACQUIRED,
-                task_id=task_id,
-                state=row.state,
-                token=row.token,
-                takeover=takeover,
-                deliveries=row.deliveries,
-            )
+            return Acquired(task_id, row.token, takeover, row.deliveries)
 
     def _held(self, key: str, attempt_id: str, token: int, now: int) -> _Row | None:
         row = self._live(key, now)
@@ -261,25 +258,18 @@ class MemoryStore:
         token: int,
         result: bytes | None,
         result_ttl_ms: int,
-    ) -> Outcome:
+    ) -> CompleteAnswer:
         with self._lock:
             now = self._now()
             row = self._held(key, attempt_id, token, now)
             if row is None:
                 current = self._live(key, now)
-                if current is None:
-                    return Outcome(Status.STALE)
-                return Outcome(
-                    Status.STALE,
-                    task_id=current.task_id,
-                    state=current.state,
-                    result=current.result,
-                )
+                return _stale(current, current.result if current else None)
             row.error = ""
             row.result = None if result is None else StoredResult(result)
             row.finish(State.DONE, now, result_ttl_ms)
             self._track(key, row)
-            return Outcome(Status.COMPLETED, task_id=row.task_id, state=row.state)
+            return Completed(row.task_id)
 
     def release(
         self,
@@ -290,17 +280,12 @@ class MemoryStore:
         error: str,
         terminal: bool,
         ttl_ms: int,
-    ) -> Outcome:
+    ) -> ReleaseAnswer:
         with self._lock:
             now = self._now()
             row = self._held(key, attempt_id, token, now)
             if row is None:
-                current = self._live(key, now)
-                return Outcome(
-                    Status.STALE,
-                    task_id=current.task_id if current else "",
-                    state=current.state if current else None,
-                )
+                return _stale(self._live(key, now))
             row.error = error
             if terminal:
                 row.finish(State.FAILED, now, ttl_ms)
@@ -309,7 +294,7 @@ class MemoryStore:
                 row.updated_ms = now
                 row.keep_ttl(now, ttl_ms)
             self._track(key, row)
-            return Outcome(Status.RELEASED, task_id=row.task_id, state=row.state)
+            return Released(row.task_id)
 
     def inspect(self, key: str) -> Record | None:
         with self._lock:
@@ -336,30 +321,29 @@ class MemoryStore:
 
     def record_step(
         self, key: str, *, attempt_id: str, token: int, name: str, value: bytes
-    ) -> Outcome:
+    ) -> StepAnswer:
         with self._lock:
             now = self._now()
             row = self._held(key, attempt_id, token, now)
             if row is None:
-                return self._stale(key, now)
+                return _stale(self._live(key, now))
             row.steps[name] = bytes(value)
-            return Outcome(Status.RECORDED, task_id=row.task_id, state=row.state)
+            return Recorded(row.task_id)
 
-    def recorded_steps(self, key: str, *, attempt_id: str, token: int) -> Outcome:
+    def recorded_steps(self, key: str, *, attempt_id: str, token: int) -> StepsAnswer:
         with self._lock:
             now = self._now()
             row = self._held(key, attempt_id, token, now)
             if row is None:
-                return self._stale(key, now)
-            return Outcome(Status.HELD, task_id=row.task_id, state=row.state, steps=dict(row.steps))
+                return _stale(self._live(key, now))
+            return Held(row.task_id, dict(row.steps))
 
-    def _stale(self, key: str, now: int) -> Outcome:
-        current = self._live(key, now)
-        return Outcome(
-            Status.STALE,
-            task_id=current.task_id if current else "",
-            state=current.state if current else None,
-        )
+
+def _stale(current: _Row | None, result: StoredResult | None = None) -> Stale:
+    """The caller does not hold the key: the record as it is now (None: there is none)."""
+    if current is None:
+        return Stale()
+    return Stale(current.task_id, current.state, result)
 
 
 def _blank(now: int) -> _Row:

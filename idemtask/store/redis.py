@@ -24,7 +24,33 @@ import redis
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 
-from idemtask.store.base import Lease, Outcome, Record, State, Status, StoredResult
+from idemtask.store.base import (
+    AcquireAnswer,
+    Acquired,
+    Busy,
+    CancelAnswer,
+    CompleteAnswer,
+    Completed,
+    Conflict,
+    Done,
+    Duplicate,
+    Failed,
+    Held,
+    Lease,
+    New,
+    Poisoned,
+    Record,
+    Recorded,
+    ReleaseAnswer,
+    Released,
+    ReserveAnswer,
+    Stale,
+    State,
+    Status,
+    StepAnswer,
+    StepsAnswer,
+    StoredResult,
+)
 from idemtask.store.cluster import cluster_client, is_cluster_url, is_sentinel_url, sentinel_client
 from idemtask.store.failures import FAILURES, TOPOLOGY, classify, client_secrets, guarded
 from idemtask.store.wire import ScriptCaller, supports
@@ -174,21 +200,13 @@ class RedisStore:
         fingerprint: str,
         reservation_ms: int,
         ttl_ms: int,
-    ) -> Outcome:
+    ) -> ReserveAnswer:
         reply = self._call("reserve", key, task_id, task_name, fingerprint, reservation_ms, ttl_ms)
-        status = Status(_text(reply[0]))
-        if status is Status.DUPLICATE:
-            return Outcome(
-                status,
-                task_id=_text(reply[1]),
-                state=State(_text(reply[2])),
-                result=_result(reply[3], reply[4]),
-            )
-        return Outcome(status, task_id=_text(reply[1]))
+        return _reserve_answer(reply)
 
-    def cancel(self, key: str, *, task_id: str) -> Outcome:
+    def cancel(self, key: str, *, task_id: str) -> CancelAnswer:
         reply = self._call("cancel", key, task_id)
-        return Outcome(Status(_text(reply[0])), task_id=_text(reply[1]))
+        return _released_or_stale("cancel", reply)
 
     def acquire(
         self,
@@ -201,7 +219,7 @@ class RedisStore:
         lease_ms: int,
         max_deliveries: int,
         ttl_ms: int,
-    ) -> Outcome:
+    ) -> AcquireAnswer:
         reply = self._call(
             "acquire",
             key,
@@ -213,34 +231,7 @@ class RedisStore:
             max_deliveries,
             ttl_ms,
         )
-        status = Status(_text(reply[0]))
-        task = _text(reply[1])
-        if status is Status.ACQUIRED:
-            return Outcome(
-                status,
-                task_id=task,
-                state=State.RUNNING,
-                token=int(reply[2]),
-                takeover=bool(int(reply[3])),
-                deliveries=int(reply[4]),
-            )
-        if status is Status.BUSY:
-            return Outcome(status, task_id=task, state=State.RUNNING, lease_left_ms=int(reply[2]))
-        if status is Status.DONE:
-            return Outcome(
-                status, task_id=task, state=State.DONE, result=_result(reply[2], reply[3])
-            )
-        if status is Status.FAILED:
-            return Outcome(status, task_id=task, state=State.FAILED, error=_text(reply[2]))
-        if status is Status.POISONED:
-            return Outcome(
-                status,
-                task_id=task,
-                state=State.FAILED,
-                deliveries=int(reply[2]),
-                error=_text(reply[3]),
-            )
-        return Outcome(status, task_id=task)
+        return _acquire_answer(reply)
 
     def renew(self, lease: Lease) -> bool:
         return self.renew_many([lease])[0]
@@ -335,22 +326,14 @@ class RedisStore:
         token: int,
         result: bytes | None,
         result_ttl_ms: int,
-    ) -> Outcome:
+    ) -> CompleteAnswer:
         has_result = "0" if result is None else "1"
         args = (attempt_id, token, has_result, result or b"", result_ttl_ms)
         if self.wait_replicas:
             reply = self._complete_and_wait(key, args)
         else:
             reply = self._call("complete", key, *args)
-        status = Status(_text(reply[0]))
-        if status is Status.COMPLETED:
-            return Outcome(status, task_id=_text(reply[1]), state=State.DONE)
-        return Outcome(
-            status,
-            task_id=_text(reply[1]),
-            state=_state(reply[2]),
-            result=_result(reply[3], reply[4]),
-        )
+        return _complete_answer(reply)
 
     def release(
         self,
@@ -361,15 +344,11 @@ class RedisStore:
         error: str,
         terminal: bool,
         ttl_ms: int,
-    ) -> Outcome:
+    ) -> ReleaseAnswer:
         reply = self._call(
             "release", key, attempt_id, token, error, "1" if terminal else "0", ttl_ms
         )
-        status = Status(_text(reply[0]))
-        if status is Status.RELEASED:
-            state = State.FAILED if terminal else State.IDLE
-            return Outcome(status, task_id=_text(reply[1]), state=state)
-        return Outcome(status, task_id=_text(reply[1]), state=_state(reply[2]))
+        return _released_or_stale("release", reply)
 
     def _complete_and_wait(self, key: str, args: tuple[Any, ...]) -> Any:
         """EVALSHA complete + WAIT pipelined on one connection to the key's primary.
@@ -504,21 +483,99 @@ class RedisStore:
 
     def record_step(
         self, key: str, *, attempt_id: str, token: int, name: str, value: bytes
-    ) -> Outcome:
+    ) -> StepAnswer:
         reply = self._call("step", key, attempt_id, token, name, value)
-        status = Status(_text(reply[0]))
-        if status is Status.RECORDED:
-            return Outcome(status, task_id=_text(reply[1]), state=State.RUNNING)
-        return Outcome(status, task_id=_text(reply[1]), state=_state(reply[2]))
+        return _step_answer(reply)
 
-    def recorded_steps(self, key: str, *, attempt_id: str, token: int) -> Outcome:
+    def recorded_steps(self, key: str, *, attempt_id: str, token: int) -> StepsAnswer:
         reply = self._call("steps", key, attempt_id, token)
-        status = Status(_text(reply[0]))
-        if status is not Status.HELD:
-            return Outcome(status, task_id=_text(reply[1]), state=_state(reply[2]))
-        pairs = reply[2:]
-        steps = {_text(pairs[i]): _bytes(pairs[i + 1]) for i in range(0, len(pairs), 2)}
-        return Outcome(status, task_id=_text(reply[1]), state=State.RUNNING, steps=steps)
+        return _steps_answer(reply)
+
+
+# -- replies into answers (SCRIPT_REPLIES in base.py) -------------------------------------
+
+
+def _reserve_answer(reply: Any) -> ReserveAnswer:
+    task = _text(reply[1])
+    match _status(reply):
+        case Status.NEW:
+            return New(task)
+        case Status.DUPLICATE:
+            return Duplicate(task, State(_text(reply[2])), _result(reply[3], reply[4]))
+        case Status.CONFLICT:
+            return Conflict(task)
+    raise _unexpected("reserve", reply)
+
+
+def _acquire_answer(reply: Any) -> AcquireAnswer:
+    task = _text(reply[1])
+    match _status(reply):
+        case Status.ACQUIRED:
+            return Acquired(task, int(reply[2]), bool(int(reply[3])), int(reply[4]))
+        case Status.BUSY:
+            return Busy(task, int(reply[2]))
+        case Status.DONE:
+            return Done(task, _result(reply[2], reply[3]))
+        case Status.FAILED:
+            return Failed(task, _text(reply[2]))
+        case Status.POISONED:
+            return Poisoned(task, int(reply[2]), _text(reply[3]))
+        case Status.CONFLICT:
+            return Conflict(task)
+    raise _unexpected("acquire", reply)
+
+
+def _complete_answer(reply: Any) -> CompleteAnswer:
+    match _status(reply):
+        case Status.COMPLETED:
+            return Completed(_text(reply[1]))
+        case Status.STALE:
+            return Stale(_text(reply[1]), _state(reply[2]), _result(reply[3], reply[4]))
+    raise _unexpected("complete", reply)
+
+
+def _released_or_stale(script: str, reply: Any) -> Released | Stale:
+    """cancel and release: ``Released``, or ``Stale`` with the record's state."""
+    match _status(reply):
+        case Status.RELEASED:
+            return Released(_text(reply[1]))
+        case Status.STALE:
+            return _stale(reply)
+    raise _unexpected(script, reply)
+
+
+def _step_answer(reply: Any) -> StepAnswer:
+    match _status(reply):
+        case Status.RECORDED:
+            return Recorded(_text(reply[1]))
+        case Status.STALE:
+            return _stale(reply)
+    raise _unexpected("step", reply)
+
+
+def _steps_answer(reply: Any) -> StepsAnswer:
+    match _status(reply):
+        case Status.HELD:
+            pairs = reply[2:]
+            steps = {_text(pairs[i]): _bytes(pairs[i + 1]) for i in range(0, len(pairs), 2)}
+            return Held(_text(reply[1]), steps)
+        case Status.STALE:
+            return _stale(reply)
+    raise _unexpected("steps", reply)
+
+
+def _status(reply: Any) -> Status:
+    return Status(_text(reply[0]))
+
+
+def _stale(reply: Any) -> Stale:
+    """``{'stale', task_id or '', state or ''}``: no result comes with it."""
+    return Stale(_text(reply[1]), _state(reply[2]))
+
+
+def _unexpected(script: str, reply: Any) -> ValueError:
+    """A reply outside the script's contract: a bug, not a store failure (failures.py)."""
+    return ValueError(f"{script}.lua answered {reply!r}, not one of SCRIPT_REPLIES[{script!r}]")
 
 
 def _text(value: Any) -> str:

@@ -6,12 +6,25 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 
 from idemtask.codecs import JsonCodec
-from idemtask.store import Lease, MemoryStore, Outcome, RedisStore, State, Status, Store
+from idemtask.store import (
+    AcquireAnswer,
+    Answer,
+    CompleteAnswer,
+    Lease,
+    MemoryStore,
+    RedisStore,
+    ReleaseAnswer,
+    ReserveAnswer,
+    Stale,
+    State,
+    Status,
+    Store,
+)
 
 LEASE_MS = 200
 TTL_MS = 60_000
@@ -33,7 +46,9 @@ def new_key() -> str:
     return uuid.uuid4().hex
 
 
-def reserve(store: Store, key: str, task_id: str = "t1", fp: str = "fp", **kw: Any) -> Outcome:
+def reserve(
+    store: Store, key: str, task_id: str = "t1", fp: str = "fp", **kw: Any
+) -> ReserveAnswer:
     options: dict[str, Any] = {"reservation_ms": 10_000, "ttl_ms": TTL_MS}
     options.update(kw)
     return store.reserve(key, task_id=task_id, task_name="shop.charge", fingerprint=fp, **options)
@@ -41,7 +56,7 @@ def reserve(store: Store, key: str, task_id: str = "t1", fp: str = "fp", **kw: A
 
 def acquire(
     store: Store, key: str, attempt: str = "a1", task_id: str = "t1", fp: str = "fp", **kw: Any
-) -> Outcome:
+) -> AcquireAnswer:
     options: dict[str, Any] = {"lease_ms": LEASE_MS, "max_deliveries": 5, "ttl_ms": TTL_MS}
     options.update(kw)
     return store.acquire(
@@ -49,11 +64,15 @@ def acquire(
     )
 
 
-def complete(store: Store, key: str, attempt: str, token: int, data: bytes | None) -> Outcome:
+def complete(
+    store: Store, key: str, attempt: str, token: int, data: bytes | None
+) -> CompleteAnswer:
     return store.complete(key, attempt_id=attempt, token=token, result=data, result_ttl_ms=TTL_MS)
 
 
-def release(store: Store, key: str, attempt: str, token: int, terminal: bool = False) -> Outcome:
+def release(
+    store: Store, key: str, attempt: str, token: int, terminal: bool = False
+) -> ReleaseAnswer:
     return store.release(
         key,
         attempt_id=attempt,
@@ -66,6 +85,21 @@ def release(store: Store, key: str, attempt: str, token: int, terminal: bool = F
 
 def expire_lease() -> None:
     time.sleep(LEASE_MS / 1000 + 0.05)
+
+
+# -- answers ------------------------------------------------------------------------------
+
+
+def test_every_status_names_exactly_one_answer_type() -> None:
+    answers = get_args(Answer)
+    assert sorted(a.status.value for a in answers) == sorted(s.value for s in Status)
+
+
+def test_the_old_single_answer_name_is_deprecated() -> None:
+    import idemtask.store
+
+    with pytest.warns(DeprecationWarning, match="Outcome is deprecated"):
+        assert idemtask.store.Outcome is Answer
 
 
 # -- reserve -------------------------------------------------------------------------------
@@ -117,7 +151,7 @@ def test_reserve_over_an_expired_lease_is_new(store: Store) -> None:
 def test_cancel_gives_back_only_our_reservation(store: Store) -> None:
     key = new_key()
     reserve(store, key, "t1")
-    assert store.cancel(key, task_id="other").status is Status.STALE
+    assert store.cancel(key, task_id="other") == Stale("t1", State.QUEUED)
     assert store.cancel(key, task_id="t1").status is Status.RELEASED
     record = store.inspect(key)
     assert record is not None and record.state is State.IDLE
@@ -273,7 +307,7 @@ def test_poison_after_the_delivery_cap(store: Store) -> None:
     assert acquire(store, key, "a3", max_deliveries=2).status is Status.FAILED
 
 
-def _run_long_then_crash(store: Store, key: str, attempt: str, ttl_ms: int) -> Outcome:
+def _run_long_then_crash(store: Store, key: str, attempt: str, ttl_ms: int) -> AcquireAnswer:
     """Take the key, renew it for longer than ``ttl_ms - LEASE_MS``, then stop renewing
     (the worker died) and wait until the lease is over."""
     out = acquire(store, key, attempt, ttl_ms=ttl_ms, max_deliveries=2)
@@ -398,7 +432,7 @@ def test_only_the_holder_records_and_reads_steps(store: Store) -> None:
     assert read.status is Status.HELD
     assert dict(read.steps) == {"reserve": b'{"n":1}', "empty": b""}
     stale = store.recorded_steps(key, attempt_id="a2", token=held.token)
-    assert stale.status is Status.STALE and stale.state is State.RUNNING and not stale.steps
+    assert stale == Stale("t1", State.RUNNING)  # a Stale carries no steps
 
 
 def test_a_takeover_reads_the_steps_and_fences_the_old_holder(store: Store) -> None:
