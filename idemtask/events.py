@@ -17,6 +17,16 @@ logger = logging.getLogger("idemtask")
 
 
 class Decision(str, enum.Enum):
+    """What the guard decided: an event's name in the logs (``idemtask_decision``), the
+    metrics' ``decision`` label and the span events (``docs/observability.md``), so the
+    values are public and do not change.
+
+    Not a store answer (``idemtask.store.Status``) nor a record's state
+    (``idemtask.store.State``): one answer can lead to different decisions (``Acquired`` is
+    ``ACQUIRED`` or ``TAKEOVER``, ``Done`` is ``REPLAYED``), and ``POISON`` is the decision
+    on a ``Poisoned`` answer (``Status.POISONED``).
+    """
+
     NEW = "new"
     DUPLICATE = "duplicate"
     CONFLICT = "conflict"
