@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from benchmarks.common import Servers, median, rounds
-from idemtask.store import RedisStore, Status
+from idemtask.store import Acquired, Completed, RedisStore
 from idemtask.store.wire import ScriptCaller
 from idemtask.testing.launcher import LOOPBACK
 
@@ -75,9 +75,9 @@ def _store_task(store: RedisStore, run: str) -> Callable[[int], None]:
     def task(n: int) -> None:
         key = f"{run}-{n}"
         out = store.acquire(key, task_id="t", attempt_id="a", **ACQUIRE)
-        assert out.status is Status.ACQUIRED and out.token is not None
+        assert isinstance(out, Acquired), out
         done = store.complete(key, attempt_id="a", token=out.token, result=b"1", result_ttl_ms=1)
-        assert done.status is Status.COMPLETED
+        assert isinstance(done, Completed), done
 
     return task
 
