@@ -42,6 +42,7 @@ def _summary(delta: CommandDelta, tasks: int) -> dict[str, Any]:
         "in_scripts_per_task": delta.in_scripts_total / tasks,
         "sent": delta.sent,
         "in_scripts": delta.in_scripts,
+        "handshakes": delta.handshakes,
     }
 
 

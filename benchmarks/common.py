@@ -119,6 +119,10 @@ SCRIPT_COMMANDS = _script_commands()
 #: The accounting's own commands, never part of a figure.
 _OWN = frozenset({"info", "config|resetstat", "flushdb", "flushall", "memory|usage", "ping"})
 _CLIENT_PREFIXES = ("evalsha", "eval", "script|", "fcall")
+#: A connection's handshake: sent once per connection a client opens (the store keeps one
+#: per thread, and opens it again after a server dropped it), not per task, so reported
+#: apart (``connections``) rather than in the per-task counts.
+HANDSHAKE = frozenset({"hello", "auth", "select", "client|setinfo", "client|setname"})
 
 
 def command_calls(client: redis.Redis) -> dict[str, int]:
@@ -134,6 +138,7 @@ class CommandDelta:
 
     sent: dict[str, int] = field(default_factory=dict)
     in_scripts: dict[str, int] = field(default_factory=dict)
+    handshakes: dict[str, int] = field(default_factory=dict)
 
     @property
     def sent_total(self) -> int:
@@ -154,7 +159,9 @@ def command_delta(before: Mapping[str, int], after: Mapping[str, int]) -> Comman
         count = calls - before.get(name, 0)
         if count <= 0 or name in _OWN:
             continue
-        if name.startswith(_CLIENT_PREFIXES) or name not in SCRIPT_COMMANDS:
+        if name in HANDSHAKE:
+            delta.handshakes[name] = count
+        elif name.startswith(_CLIENT_PREFIXES) or name not in SCRIPT_COMMANDS:
             delta.sent[name] = count
         else:
             delta.in_scripts[name] = count
