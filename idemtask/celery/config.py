@@ -68,6 +68,19 @@ def task_options(task_class: type[Task]) -> dict[str, Any]:
     return options
 
 
+def given_options(task_class: type[Task]) -> dict[str, Any]:
+    """``task_options`` without the names a class in the hierarchy defines as its own code
+    (a method such as celery-singleton's ``Singleton.on_duplicate``): only values someone
+    gave the task, through the decorator or as class attributes."""
+    return {
+        name: value
+        for name, value in task_options(task_class).items()
+        if not any(
+            name in vars(cls) and _defined_in(cls, vars(cls)[name]) for cls in task_class.__mro__
+        )
+    }
+
+
 def check_task_class(task_class: type[Task]) -> None:
     """Refuse a task class whose own attributes include a misspelt idemtask option.
 

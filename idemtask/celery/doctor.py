@@ -18,8 +18,8 @@ from idemtask.celery.config import (
     BUILTIN_PREFIX,
     app_settings,
     check_task_class,
+    given_options,
     resolve_policy,
-    task_options,
 )
 from idemtask.celery.startup import idempotent_tasks
 from idemtask.config import Settings
@@ -114,7 +114,7 @@ def _unguarded(app: Celery) -> Finding:
     for name, task in sorted(app.tasks.items()):
         if isinstance(task, IdempotentTask) or name.startswith(BUILTIN_PREFIX):
             continue
-        options = task_options(type(task))
+        options = given_options(type(task))
         if options.get("idempotent") is False:
             del options["idempotent"]  # a plain task told to stay plain
         if options:

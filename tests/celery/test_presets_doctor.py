@@ -204,6 +204,22 @@ def test_doctor_finds_idemtask_options_on_a_plain_task() -> None:
     assert {f.code: f.level for f in check_app(clean)}["celery.unguarded"] is Level.OK
 
 
+def test_doctor_leaves_a_base_class_method_named_like_an_option_alone() -> None:
+    """celery-singleton's ``Singleton`` has an ``on_duplicate`` method: the base class's own
+    code, not an idemtask option someone gave the task."""
+    singleton = pytest.importorskip("celery_singleton")
+    app = Celery("peer", broker="memory://", backend="cache+memory://", set_as_current=False)
+
+    @app.task(shared=False, name="d.singleton", base=singleton.Singleton)
+    def single(order_id: str) -> None: ...
+
+    @app.task(shared=False, name="d.singleton_leased", base=singleton.Singleton, lease=30)
+    def leased(order_id: str) -> None: ...
+
+    unguarded = {f.code: f for f in check_app(app)}["celery.unguarded"]
+    assert unguarded.message.endswith("them: d.singleton_leased (lease)"), unguarded.message
+
+
 SECRET = "s3cr3tPW"
 
 
