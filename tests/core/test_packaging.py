@@ -68,6 +68,10 @@ def test_the_wheel_and_sdist_hold_the_library_its_license_and_valid_metadata(
     assert not [c for c in metadata.get_all("Classifier", []) if c.startswith("License ::")]
     requires = metadata.get_all("Requires-Dist", [])
     assert any(r.startswith("celery[redis]") and 'extra == "celery"' in r for r in requires)
+    # the chaos runner's progress bar: an extra, never a dependency of the library itself
+    rich = [r for r in requires if r.startswith("rich")]
+    assert any('extra == "testing"' in r for r in rich), rich
+    assert all("extra ==" in r for r in rich), rich
 
     assert f"idemtask-{version}/LICENSE" in members
     assert not [m for m in members if m.startswith(f"idemtask-{version}/benchmarks")]
