@@ -15,6 +15,7 @@ committed through ``idemtask.sql``) with a kill aimed between effect and complet
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,33 @@ def test_chaos_dramatiq_on_redis_through_the_command(tmp_path: Path) -> None:
     assert figures["kills mid-body"] + figures["kills between completion and ack"] == 3
     assert (figures["stops"], figures["store restarts"]) == (1, 1)
     assert figures["stale completions rejected"] >= 1
+    _check_plain_progress(done.stdout, done.stderr)
+
+
+#: A line of the fault timeline, as the runner prints it to standard output.
+TIMELINE = re.compile(
+    r" *\d+\.\ds (kill(_after_end)? pid \d+|stop pid \d+ for \d+s"
+    r"|store restart \(SIG(TERM|KILL), down 1s\)|\w+ skipped: no target left)"
+)
+#: A plain progress line (standard error is a pipe here, not a terminal).
+PROGRESS = re.compile(
+    r"faults (\d+)/5 (checking the ledger and the store )?keys (\d+)/50 elapsed \S+ eta (\S+)"
+)
+
+
+def _check_plain_progress(stdout: str, stderr: str) -> None:
+    """Off a terminal the command writes plain progress lines to standard error, from the
+    first (nothing done yet) to the last (every key done, the checks running), and the
+    fault timeline on standard output stays whole, one fault a line."""
+    timeline = stdout[: stdout.index("\n{")].splitlines()
+    assert len(timeline) >= 5, stdout
+    assert all(TIMELINE.fullmatch(line) for line in timeline), timeline
+    lines = [found for found in map(PROGRESS.fullmatch, stderr.splitlines()) if found]
+    assert lines, stderr
+    first, last = lines[0], lines[-1]
+    assert first.group(1, 2, 3, 4) == ("0", None, "0", "?"), first.group(0)
+    checking = "checking the ledger and the store "
+    assert last.group(2, 3, 4) == (checking, "50", "0s"), last.group(0)
 
 
 #: The short run's faults, one of its mid-body kills aimed after the body's effect.

@@ -3,6 +3,10 @@
 The RabbitMQ scenario runs on a node you run: ``--rabbitmq-url``, and ``--rabbitmq-restart``
 for the command that restarts it (without one, the broker is not restarted).
 
+While it runs, standard error shows the keys completed, the faults injected, the time
+elapsed and an estimate of the time left: a bar on a terminal, a plain line every 10 s
+otherwise (see ``idemtask.testing.progress``).
+
 Exit status 0 when no guarantee was broken, 1 otherwise (the violations are printed).
 """
 
@@ -16,6 +20,7 @@ from pathlib import Path
 from idemtask.testing.chaos.broker import Broker, ExternalRabbitMQ
 from idemtask.testing.chaos.effects import MODES
 from idemtask.testing.chaos.runner import Scenario, run_scenario
+from idemtask.testing.progress import Progress
 
 #: Faults per 10 000 keys in a long run, and the floor for smaller runs.
 LONG_RUN = {"kills": 60, "kills_after_end": 15, "stops": 4, "restarts": 3}
@@ -165,7 +170,10 @@ def main(argv: list[str] | None = None, rabbitmq: Broker | None = None) -> int:
         effects=args.effects,
         sql_url=args.sql_url,
     )
-    result = run_scenario(scenario, log=lambda line: print(line, flush=True), rabbitmq=rabbitmq)
+    # The fault timeline goes to standard output, the progress to standard error (a bar on
+    # a terminal, a plain line now and then elsewhere); the figures follow once it is done.
+    with Progress() as progress:
+        result = run_scenario(scenario, log=progress.write, rabbitmq=rabbitmq, progress=progress)
     print(json.dumps(result.figures(), indent=2))
     for name, items in result.violations.items():
         print(f"VIOLATION {name}: {len(items)}", *items[:20], sep="\n  ")

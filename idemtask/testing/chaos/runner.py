@@ -64,6 +64,7 @@ from idemtask.testing.checks import TTL_SLACK, Report, analyse
 from idemtask.testing.faults import ErrorReplies, Faults, children
 from idemtask.testing.launcher import LOOPBACK, RedisServer, terminate_session
 from idemtask.testing.ledger import EffectLedger, Entry
+from idemtask.testing.progress import Progress
 from idemtask.testing.proxy import FaultyProxy
 
 #: Seconds without a RabbitMQ heartbeat after which the server drops a frozen consumer:
@@ -404,9 +405,16 @@ class _Follower:
 class ChaosRun:
     """One scenario's servers, processes and fault loop. Use ``run_scenario``."""
 
-    def __init__(self, scenario: Scenario, log: Log, rabbitmq: Broker | None = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        log: Log,
+        rabbitmq: Broker | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.scenario = scenario
         self.log = log
+        self.progress = progress or Progress.off()
         self.dir = scenario.workdir or Path(tempfile.mkdtemp(prefix=f"idemtask-{scenario.name}-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self._own_dir = scenario.workdir is None
@@ -710,10 +718,14 @@ class ChaosRun:
         next_fault = time.monotonic() + interval / 2
         deadline = time.monotonic() + s.timeout
         expected_messages = s.keys * workload.SUBMISSIONS
+        faults = len(pending)
+        self.progress.begin("keys", s.keys, faults=f"0/{faults}")
         while True:
             self.follow.poll()
             self._continue_due()
             self._keep_workers()
+            went = sum(self.faults_done.values())
+            self.progress.update(len(self.follow.completed), faults=f"{went}/{faults}")
             now = time.monotonic()
             done = (
                 self.follow.producers_done == workload.PRODUCERS
@@ -810,8 +822,10 @@ class ChaosRun:
 
 
 @contextlib.contextmanager
-def _running(scenario: Scenario, log: Log, rabbitmq: Broker | None) -> Iterator[ChaosRun]:
-    run = ChaosRun(scenario, log, rabbitmq)
+def _running(
+    scenario: Scenario, log: Log, rabbitmq: Broker | None, progress: Progress | None
+) -> Iterator[ChaosRun]:
+    run = ChaosRun(scenario, log, rabbitmq, progress)
     try:
         run.start()
         yield run
@@ -819,11 +833,18 @@ def _running(scenario: Scenario, log: Log, rabbitmq: Broker | None) -> Iterator[
         run.close()
 
 
-def run_scenario(scenario: Scenario, log: Log = print, rabbitmq: Broker | None = None) -> Result:
+def run_scenario(
+    scenario: Scenario,
+    log: Log = print,
+    rabbitmq: Broker | None = None,
+    progress: Progress | None = None,
+) -> Result:
     """Run ``scenario`` to the end and return its ``Result``. The RabbitMQ scenario runs on
-    ``rabbitmq``, a node the caller started (see ``broker``), which it restarts."""
-    with _running(scenario, log, rabbitmq) as run:
+    ``rabbitmq``, a node the caller started (see ``broker``), which it restarts.
+    ``progress`` shows the keys completed and the faults injected while it runs."""
+    with _running(scenario, log, rabbitmq, progress) as run:
         run.loop()
+        run.progress.update(line=True, checking="the ledger and the store")
         result = run.result()
         (run.dir / "result.json").write_text(json.dumps(result.figures(), indent=2))
         if scenario.workdir is not None:  # the evidence, one JSON entry a line
