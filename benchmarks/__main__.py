@@ -2,6 +2,8 @@
 
 Runs every section, prints the figures next to their targets as a Markdown table and
 writes everything measured (each run of each round, the machine, the load) as JSON.
+Meanwhile standard error shows the section, the round, the runs done and the time left:
+a bar on a terminal, plain lines otherwise (``idemtask.testing.progress``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from benchmarks.common import Servers, load_average, machine, servers
 from benchmarks.report import render
+from idemtask.testing.progress import Progress
 
 SECTIONS = (
     "keys",
@@ -66,8 +69,9 @@ QUICK = Sizes(
     store_calls=1000,
 )
 
-#: How each section runs: without servers (``None``) or with the benchmark's two servers.
-Runner = Callable[[Servers | None, Sizes], Any]
+#: How each section runs: without servers (``None``) or with the benchmark's two servers;
+#: the long ones show their rounds and runs on the progress.
+Runner = Callable[[Servers | None, Sizes, Progress], Any]
 
 
 def _runners() -> dict[str, Runner]:
@@ -80,20 +84,20 @@ def _runners() -> dict[str, Runner]:
         return found
 
     return {
-        "keys": lambda _, s: percall.bench_keys(number=s.key_loops),
-        "memory": lambda _, s: memory.bench_memory(s.memory_records),
-        "commands": lambda f, s: commands.bench_commands(served(f), s.command_tasks),
-        "enqueue": lambda f, s: percall.bench_enqueue(served(f), s.enqueue_calls),
-        "execute": lambda f, s: percall.bench_execute(served(f), s.execute_calls),
-        "steps": lambda f, s: steps.bench_steps(served(f), s.step_calls),
-        "busy": lambda _, s: busy_latency.run(rounds=s.busy_rounds),
-        "celery": lambda f, s: celery_e2e.bench_celery(
-            served(f), s.celery_calls, s.celery_rounds, s.latency_calls
+        "keys": lambda _, s, p: percall.bench_keys(number=s.key_loops),
+        "memory": lambda _, s, p: memory.bench_memory(s.memory_records),
+        "commands": lambda f, s, p: commands.bench_commands(served(f), s.command_tasks),
+        "enqueue": lambda f, s, p: percall.bench_enqueue(served(f), s.enqueue_calls),
+        "execute": lambda f, s, p: percall.bench_execute(served(f), s.execute_calls),
+        "steps": lambda f, s, p: steps.bench_steps(served(f), s.step_calls),
+        "busy": lambda _, s, p: busy_latency.run(rounds=s.busy_rounds, progress=p),
+        "celery": lambda f, s, p: celery_e2e.bench_celery(
+            served(f), s.celery_calls, s.celery_rounds, s.latency_calls, p
         ),
-        "dramatiq": lambda f, s: dramatiq_e2e.bench_dramatiq(
-            served(f), s.dramatiq_calls, s.dramatiq_rounds, s.latency_calls
+        "dramatiq": lambda f, s, p: dramatiq_e2e.bench_dramatiq(
+            served(f), s.dramatiq_calls, s.dramatiq_rounds, s.latency_calls, p
         ),
-        "storecalls": lambda f, s: bench_store_calls(served(f), s.store_calls),
+        "storecalls": lambda f, s, p: bench_store_calls(served(f), s.store_calls, progress=p),
     }
 
 
@@ -107,24 +111,27 @@ def run(sizes: Sizes, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     runners = _runners()
     results: dict[str, Any] = {"machine": machine(), "sizes": asdict(sizes)}
     chosen = [name for name in SECTIONS if name in sections]
+    order = [n for n in chosen if n in SERVERLESS] + [n for n in chosen if n not in SERVERLESS]
 
     seconds: dict[str, float] = {}
 
-    def step(name: str, found: Servers | None) -> None:
-        print(f"== {name}", file=sys.stderr, flush=True)
+    def step(name: str, found: Servers | None, progress: Progress) -> None:
+        section = f"{order.index(name) + 1}/{len(order)} {name}"
+        progress.begin(section=section, round=None, variant=None)
         started = time.monotonic()
-        results[name] = runners[name](found, sizes)
+        results[name] = runners[name](found, sizes, progress)
         seconds[name] = time.monotonic() - started
-        print(f"   {name}: {seconds[name]:.0f} s", file=sys.stderr, flush=True)
+        progress.write(f"   {name}: {seconds[name]:.0f} s", file=sys.stderr)
 
-    for name in chosen:
-        if name in SERVERLESS:
-            step(name, None)
-    if any(name not in SERVERLESS for name in chosen):
-        with servers() as found:
-            for name in chosen:
-                if name not in SERVERLESS:
-                    step(name, found)
+    with Progress() as progress:
+        for name in order:
+            if name in SERVERLESS:
+                step(name, None, progress)
+        if any(name not in SERVERLESS for name in order):
+            with servers() as found:
+                for name in order:
+                    if name not in SERVERLESS:
+                        step(name, found, progress)
     results["section_seconds"] = seconds
     results["machine"]["load_at_end"] = load_average()
     results["machine"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

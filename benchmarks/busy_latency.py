@@ -40,6 +40,7 @@ from benchmarks.busy_apps import (
     started_key,
 )
 from benchmarks.common import Servers, WorkerProcess, machine, median, percentile, servers
+from idemtask.testing.progress import Progress
 
 POLL = 0.002  # seconds between looks at the result backend
 
@@ -157,9 +158,16 @@ def _arrivals(client: redis.Redis, keys: Sequence[str], timeout: float) -> list[
 
 
 def measure(
-    variant: Variant, servers: Servers, rounds: int, duplicates: int, hold: float
+    variant: Variant,
+    servers: Servers,
+    rounds: int,
+    duplicates: int,
+    hold: float,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Every round of one variant, against one fresh worker process."""
+    """Every round of one variant, against one fresh worker process; ``progress`` counts
+    the rounds."""
+    progress = progress or Progress.off()
     marks_url = servers.db(2)
     marks = redis.Redis.from_url(marks_url)
     backend = redis.Redis.from_url(servers.backend_url)
@@ -184,6 +192,7 @@ def measure(
             latencies.extend(at - finished for at in arrived)
             for copy in copies:
                 deferrals.append(int(marks.get(deferred_key(publisher.message_id(copy))) or 0))
+            progress.update(advance=1)
     finally:
         worker.stop()
         publisher.close()
@@ -216,15 +225,19 @@ def run(
     duplicates: int = 5,
     hold: float = 0.1,
     variants: Sequence[str] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure every variant (or those named) on fresh servers; one record per variant."""
+    progress = progress or Progress.off()
     chosen = [v for v in VARIANTS if variants is None or v.name in variants]
     with servers() as started:
         results = []
+        progress.begin("rounds", rounds * len(chosen))
         for variant in chosen:
-            record = measure(variant, started, rounds, duplicates, hold)
+            progress.update(variant=variant.name, line=True)
+            record = measure(variant, started, rounds, duplicates, hold, progress)
             results.append(record)
-            print(f"  {json.dumps(record)}", file=sys.stderr, flush=True)
+            progress.write(f"  {json.dumps(record)}", file=sys.stderr)
     return {
         "benchmark": "busy_latency",
         "rounds": rounds,

@@ -19,6 +19,7 @@ from benchmarks.common import Servers, WorkerProcess
 from benchmarks.variants import CELERY as VARIANTS
 from benchmarks.variants import CELERY_PLAIN as PLAIN
 from benchmarks.variants import Variant
+from idemtask.testing.progress import Progress
 
 POOL = "prefork"
 CONCURRENCY = 2
@@ -85,11 +86,17 @@ class CeleryBench:
 
 
 def bench_celery(
-    servers: Servers, calls: int, round_count: int, latency_calls: int
+    servers: Servers,
+    calls: int,
+    round_count: int,
+    latency_calls: int,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     bench = CeleryBench(servers)
     try:
         e2e.wait_ready(bench, PLAIN)
-        return e2e.bench(bench, servers, VARIANTS, calls, round_count, latency_calls)
+        return e2e.bench(
+            bench, servers, VARIANTS, calls, round_count, latency_calls, progress=progress
+        )
     finally:
         bench.close()

@@ -16,6 +16,7 @@ from benchmarks.dramatiq_app import QUEUE, Actors, build_broker
 from benchmarks.variants import DRAMATIQ as VARIANTS
 from benchmarks.variants import DRAMATIQ_PLAIN as PLAIN
 from benchmarks.variants import Variant
+from idemtask.testing.progress import Progress
 
 PROCESSES = 2
 THREADS = 2
@@ -76,11 +77,17 @@ class DramatiqBench:
 
 
 def bench_dramatiq(
-    servers: Servers, calls: int, round_count: int, latency_calls: int
+    servers: Servers,
+    calls: int,
+    round_count: int,
+    latency_calls: int,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     bench = DramatiqBench(servers)
     try:
         e2e.wait_ready(bench, PLAIN)
-        return e2e.bench(bench, servers, VARIANTS, calls, round_count, latency_calls)
+        return e2e.bench(
+            bench, servers, VARIANTS, calls, round_count, latency_calls, progress=progress
+        )
     finally:
         bench.close()

@@ -37,6 +37,7 @@ from benchmarks.common import (
 )
 from benchmarks.cpu import CpuMeter
 from benchmarks.variants import Variant
+from idemtask.testing.progress import Progress
 
 US = 1e6
 #: After the last result is stored: the ack, celery-once's and celery-singleton's unlock.
@@ -185,9 +186,11 @@ def bench(
     round_count: int,
     latency_calls: int,
     bodies: Sequence[float] = BODIES_MS,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Every body duration, every variant, ``round_count`` alternated rounds; then, in each
-    round, a latency run of each variant without duplicates."""
+    round, a latency run of each variant without duplicates. ``progress`` counts the runs."""
+    progress = progress or Progress.off()
     meter = CpuMeter(
         {
             "worker": framework.worker.proc.pid,
@@ -195,28 +198,33 @@ def bench(
             "store": _pid(servers.store.pid),
         }
     )
+    singles = [variant for variant in variants if not variant.duplicates]
+    runs = len(variants) + round_count * (len(bodies) * len(variants) + len(singles))
+    progress.begin("runs", runs, round="warm-up")
     for variant in variants:  # warm up: connections, script loads, imports in the pool
         throughput_run(framework, meter, variant, max(20, calls // 20), 0.0)
-    singles = [variant for variant in variants if not variant.duplicates]
+        progress.update(advance=1)
     throughput: list[dict[str, Any]] = []
     latency: list[dict[str, Any]] = []
     for index in range(round_count):
+        progress.update(round=f"{index + 1}/{round_count}", line=True)
         for body_ms in bodies:
             for variant in rotated(variants, index):
                 record = throughput_run(framework, meter, variant, calls, body_ms, seed=index)
                 record["round"] = index
                 throughput.append(record)
-                print(
+                progress.write(
                     f"  {framework.name} round {index + 1}/{round_count} {body_ms:4.0f} ms "
                     f"{variant.name:38s} {record['tasks_per_second']:7.0f} tasks/s "
                     f"{record['system_cpu_seconds'] / record['calls'] * US:6.0f} µs CPU/call",
                     file=sys.stderr,
-                    flush=True,
                 )
+                progress.update(advance=1)
         for variant in rotated(singles, index):
             record = latency_run(framework, variant, latency_calls)
             record["round"] = index
             latency.append(record)
+            progress.update(advance=1)
     return {"calls": calls, "bodies_ms": list(bodies), "throughput": throughput, "latency": latency}
 
 

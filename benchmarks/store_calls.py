@@ -29,6 +29,7 @@ from benchmarks.common import Servers, median, rounds
 from idemtask.store import Acquired, Completed, RedisStore
 from idemtask.store.wire import ScriptCaller
 from idemtask.testing.launcher import LOOPBACK
+from idemtask.testing.progress import Progress
 
 US = 1e6
 ROUNDS = 9
@@ -90,9 +91,15 @@ def _cpu_per_call(call: Callable[[int], None], start: int, calls: int, per: int)
     return (time.process_time() - began) / (calls * per) * US
 
 
-def bench_store_calls(servers: Servers, calls: int, round_count: int = ROUNDS) -> dict[str, Any]:
+def bench_store_calls(
+    servers: Servers,
+    calls: int,
+    round_count: int = ROUNDS,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Median client CPU µs per call for each path, and each path's ratio to the raw socket
-    within its round."""
+    within its round; ``progress`` counts the runs."""
+    progress = progress or Progress.off()
     url = servers.store_url
     client = redis.Redis.from_url(url)
     script = client.register_script(SCRIPT)
@@ -115,12 +122,15 @@ def bench_store_calls(servers: Servers, calls: int, round_count: int = ROUNDS) -
             call(n)
     runs: list[dict[str, Any]] = []
     offset = 0
+    progress.begin("runs", round_count * len(variants))
     try:
         for index, name in rounds(list(variants), round_count):
+            progress.update(round=f"{index + 1}/{round_count}")
             call, per = variants[name]
             cpu = _cpu_per_call(call, offset, calls, per)
             offset += calls
             runs.append({"round": index, "variant": name, "cpu_us_per_call": cpu})
+            progress.update(advance=1)
     finally:
         raw.close()
         for store in (old, lean):

@@ -5,6 +5,7 @@ machine they are noise at these sizes; ``python -m benchmarks`` measures them pr
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from benchmarks.__main__ import Sizes, main, run  # noqa: E402
 from benchmarks.body import BODIES_MS  # noqa: E402
 from benchmarks.plot import plot_throughput  # noqa: E402
 from benchmarks.report import render, rows  # noqa: E402
+from benchmarks.variants import CELERY, DRAMATIQ  # noqa: E402
 
 pytestmark = [pytest.mark.bench, pytest.mark.celery, pytest.mark.dramatiq, pytest.mark.slow]
 
@@ -38,9 +40,35 @@ TINY = Sizes(
 )
 
 
+#: A plain progress line of a section that counts its runs or rounds.
+COUNTED = r"section {n}/10 {name} (round \d+/\d+ |variant .+ )?{unit} \d+/(\d+) elapsed \S+ eta \S+"
+
+
 @pytest.mark.timeout(240)
-def test_every_section_runs_and_the_command_counts_hold(tmp_path: Path) -> None:
+def test_every_section_runs_and_the_command_counts_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     results = run(TINY)
+
+    # Standard error is no terminal here: the progress came as plain lines, one as each
+    # section began, and those of the long sections with their rounds and count.
+    progress = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"section 1/10 keys elapsed \S+", progress[0]), progress[0]
+    e2e_runs = {  # each variant's warm-up, the throughput runs and the latency runs
+        name: len(CELERY if name == "celery" else DRAMATIQ)
+        + len(results[name]["throughput"])
+        + len(results[name]["latency"])
+        for name in ("celery", "dramatiq")
+    }
+    for n, name, unit, total in (
+        (3, "busy", "rounds", len(results["busy"]["results"]) * TINY.busy_rounds),
+        (8, "celery", "runs", e2e_runs["celery"]),
+        (9, "dramatiq", "runs", e2e_runs["dramatiq"]),
+        (10, "storecalls", "runs", len(results["storecalls"]["runs"])),
+    ):
+        pattern = COUNTED.format(n=n, name=name, unit=unit)
+        totals = [int(m.group(2)) for m in map(re.compile(pattern).fullmatch, progress) if m]
+        assert totals and set(totals) == {total}, (name, total, progress)
 
     # Every copy of the busy round got its answer (through a replay) and was counted.
     busy = results["busy"]
@@ -111,4 +139,8 @@ def test_the_command_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "5 arguments",
         "nested dict, 50 values",
     ]
-    assert "key derivation, 5 arguments" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "key derivation, 5 arguments" in captured.out
+    # the progress, off a terminal: plain lines on standard error, none in the report
+    assert re.fullmatch(r"section 1/1 keys elapsed \S+", captured.err.splitlines()[0])
+    assert "elapsed" not in captured.out
