@@ -138,7 +138,8 @@ def test_the_dashboard_shows_a_real_worker(
         # A counter's rate needs two samples of its series: the first round creates every
         # series (task, decision), the second makes them grow between scrapes.
         _load(redis_url, 1)
-        time.sleep(2.5)
+        loaded = time.time()
+        _wait(lambda: prometheus.last_scrape() > loaded, 30, "a scrape after the first round")
         _load(redis_url, 2)
         text = _scrape(port)
         for decision in ("new", "duplicate", "acquired", "completed", "replayed", "busy",
@@ -150,7 +151,10 @@ def test_the_dashboard_shows_a_real_worker(
                 log.read_text()[-3000:],
             )
         assert _sample(text, "idemtask_leases_held") == 0  # nothing runs any more
-        time.sleep(3)  # two more scrapes after the last decision
+        # Two more scrapes after the last decision: scrapes come every second, so when one
+        # begun 1.5 s after it is stored, the one before it also began after it.
+        loaded = time.time()
+        _wait(lambda: prometheus.last_scrape() > loaded + 1.5, 30, "two more scrapes")
         end = time.time()
         for expr in dashboard_expressions():
             series = prometheus.query_range(expr, start - 5, end)
