@@ -73,7 +73,7 @@ def celery_worker(redis_url: str, tmp_path: Path) -> Iterator[tuple[int, Path]]:
         _wait(lambda: log.exists() and "ready." in log.read_text(), 60, "the worker")
         yield port, log
     finally:
-        terminate_session(proc)
+        terminate_session(proc, grace=0)  # the test is over: no warm shutdown
 
 
 def _scrape(port: int) -> str:
@@ -217,7 +217,7 @@ def dramatiq_worker(redis_url: str, tmp_path: Path) -> Iterator[int]:
         _wait(lambda: _answers(port), 60, "Dramatiq's metrics endpoint")
         yield port
     finally:
-        terminate_session(proc)
+        terminate_session(proc, grace=0)  # the test is over: no warm shutdown
 
 
 def test_a_dramatiq_worker_serves_idemtask_metrics(dramatiq_worker: int, redis_url: str) -> None:
