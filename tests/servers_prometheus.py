@@ -78,6 +78,11 @@ class PrometheusServer:
         result: list[Any] = data["result"]
         return result
 
+    def last_scrape(self) -> float:
+        """Unix time at which the latest scrape that Prometheus stored began (0 if none)."""
+        result = self.api("query", query="max(timestamp(up))")["result"]
+        return float(result[0]["value"][1]) if result else 0.0
+
     def targets_up(self) -> bool:
         active = self.api("targets")["activeTargets"]
         return bool(active) and all(t["health"] == "up" for t in active)

@@ -153,4 +153,6 @@ class WorkerProcess:
         return self.log.read_text() if self.log.exists() else ""
 
     def stop(self) -> None:
-        terminate_session(self.proc)
+        """Kill the worker and its pool children at once: the test is over, and a warm
+        shutdown only waits (a second or more) for the pool to wind down."""
+        terminate_session(self.proc, grace=0)

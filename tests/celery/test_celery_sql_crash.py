@@ -77,7 +77,7 @@ def sql_worker(urls: Urls, sql_url: str, tmp_path: Path) -> Iterator[Path]:
         wait_for(lambda: log.exists() and "ready." in log.read_text(), 30, "worker")
         yield log
     finally:
-        terminate_session(proc)
+        terminate_session(proc, grace=0)  # the test is over: no warm shutdown
 
 
 def test_a_child_killed_after_the_commit_leaves_one_row(

@@ -53,7 +53,7 @@ def steps_worker(urls: Urls, tmp_path: Path) -> Iterator[Callable[[], Path]]:
 
     yield start
     for proc in procs:
-        terminate_session(proc)
+        terminate_session(proc, grace=0)  # the test is over: no warm shutdown
 
 
 @pytest.fixture

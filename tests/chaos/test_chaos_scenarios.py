@@ -59,12 +59,15 @@ def test_chaos_celery_prefork_on_redis() -> None:
 
 @pytest.mark.dramatiq
 @pytest.mark.rabbitmq
-def test_chaos_dramatiq_on_rabbitmq_with_a_broker_restart() -> None:
+def test_chaos_dramatiq_on_rabbitmq_with_a_broker_restart(
+    rabbitmq_server: RabbitMQServer,
+) -> None:
+    """On the session's node (the scenario's queues are its own, by namespace): a node of
+    its own would add a RabbitMQ boot, the slowest server start of the suite."""
     scenario = Scenario(
         "dramatiq", "rabbitmq", keys=50, seed=1, duration=30, broker_restarts=1, **FAULTS
     )
-    with RabbitMQServer() as node:
-        _check(run_scenario(scenario, rabbitmq=node), scenario)
+    _check(run_scenario(scenario, rabbitmq=rabbitmq_server), scenario)
 
 
 @pytest.mark.dramatiq

@@ -62,7 +62,7 @@ def worker(project_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
         assert time.monotonic() < deadline and proc.poll() is None, "worker did not start"
         time.sleep(0.1)
     yield log
-    terminate_session(proc)
+    terminate_session(proc, grace=0)  # the test is over: no warm shutdown
 
 
 def scenario(env: dict[str, str], outcome: str, order_id: int) -> dict[str, object]:

@@ -73,7 +73,7 @@ def celery_worker(redis_url: str, tmp_path: Path) -> Iterator[tuple[int, Path]]:
         _wait(lambda: log.exists() and "ready." in log.read_text(), 60, "the worker")
         yield port, log
     finally:
-        terminate_session(proc)
+        terminate_session(proc, grace=0)  # the test is over: no warm shutdown
 
 
 def _scrape(port: int) -> str:
@@ -138,7 +138,8 @@ def test_the_dashboard_shows_a_real_worker(
         # A counter's rate needs two samples of its series: the first round creates every
         # series (task, decision), the second makes them grow between scrapes.
         _load(redis_url, 1)
-        time.sleep(2.5)
+        loaded = time.time()
+        _wait(lambda: prometheus.last_scrape() > loaded, 30, "a scrape after the first round")
         _load(redis_url, 2)
         text = _scrape(port)
         for decision in ("new", "duplicate", "acquired", "completed", "replayed", "busy",
@@ -150,7 +151,10 @@ def test_the_dashboard_shows_a_real_worker(
                 log.read_text()[-3000:],
             )
         assert _sample(text, "idemtask_leases_held") == 0  # nothing runs any more
-        time.sleep(3)  # two more scrapes after the last decision
+        # Two more scrapes after the last decision: scrapes come every second, so when one
+        # begun 1.5 s after it is stored, the one before it also began after it.
+        loaded = time.time()
+        _wait(lambda: prometheus.last_scrape() > loaded + 1.5, 30, "two more scrapes")
         end = time.time()
         for expr in dashboard_expressions():
             series = prometheus.query_range(expr, start - 5, end)
@@ -213,7 +217,7 @@ def dramatiq_worker(redis_url: str, tmp_path: Path) -> Iterator[int]:
         _wait(lambda: _answers(port), 60, "Dramatiq's metrics endpoint")
         yield port
     finally:
-        terminate_session(proc)
+        terminate_session(proc, grace=0)  # the test is over: no warm shutdown
 
 
 def test_a_dramatiq_worker_serves_idemtask_metrics(dramatiq_worker: int, redis_url: str) -> None:
