@@ -67,7 +67,7 @@ def build_celery(broker_url: str, backend_url: str, store_url: str, marks_url: s
         idemtask={"redis_url": store_url},
     )
 
-    @app.task(name=CELERY_TASK, base=IdempotentTask)  # type: ignore[untyped-decorator]
+    @app.task(name=CELERY_TASK, base=IdempotentTask, shared=False)  # type: ignore[untyped-decorator]
     def job(run: str, hold: float) -> str:
         return _body(marks, run, hold)
 

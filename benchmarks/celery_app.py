@@ -63,19 +63,19 @@ def build_app(broker_url: str, backend_url: str, store_url: str) -> tuple[Celery
     )
     presets.apply(app)
 
-    @app.task(name="bench.plain")  # type: ignore[untyped-decorator]
+    @app.task(name="bench.plain", shared=False)  # type: ignore[untyped-decorator]
     def plain(run: str, n: int, body_ms: float = 0) -> int:
         return body(n, body_ms)
 
-    @app.task(name="bench.idem", base=IdempotentTask)  # type: ignore[untyped-decorator]
+    @app.task(name="bench.idem", base=IdempotentTask, shared=False)  # type: ignore[untyped-decorator]
     def idem(run: str, n: int, body_ms: float = 0) -> int:
         return body(n, body_ms)
 
-    @app.task(name="bench.once", base=QueueOnce)  # type: ignore[untyped-decorator]
+    @app.task(name="bench.once", base=QueueOnce, shared=False)  # type: ignore[untyped-decorator]
     def once(run: str, n: int, body_ms: float = 0) -> int:
         return body(n, body_ms)
 
-    @app.task(name="bench.singleton", base=Singleton)  # type: ignore[untyped-decorator]
+    @app.task(name="bench.singleton", base=Singleton, shared=False)  # type: ignore[untyped-decorator]
     def singleton(run: str, n: int, body_ms: float = 0) -> int:
         return body(n, body_ms)
 
