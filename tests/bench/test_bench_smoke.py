@@ -144,3 +144,20 @@ def test_the_command_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # the progress, off a terminal: plain lines on standard error, none in the report
     assert re.fullmatch(r"section 1/1 keys elapsed \S+", captured.err.splitlines()[0])
     assert "elapsed" not in captured.out
+
+
+def test_the_benchmark_tasks_stay_in_their_own_apps() -> None:
+    """Building the benchmark's Celery apps adds no task to any other app in the process:
+    a shared task would show up in every app a test or the doctor looks at afterwards."""
+    from celery import Celery
+
+    from benchmarks.busy_apps import build_celery
+    from benchmarks.celery_app import build_app
+
+    url = "redis://127.0.0.1:1/0"  # nothing connects while the apps are built
+    own, _ = build_app(url, url, url)
+    busy = build_celery(url, url, url, url)
+    other = Celery("other", broker="memory://", set_as_current=False)
+    other.finalize()
+    built = {name for name in (*own.tasks, *busy.tasks) if not name.startswith("celery.")}
+    assert built and not built & set(other.tasks), sorted(built & set(other.tasks))
