@@ -111,7 +111,9 @@ def run(sizes: Sizes, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     runners = _runners()
     results: dict[str, Any] = {"machine": machine(), "sizes": asdict(sizes)}
     chosen = [name for name in SECTIONS if name in sections]
-    order = [n for n in chosen if n in SERVERLESS] + [n for n in chosen if n not in SERVERLESS]
+    serverless = [name for name in chosen if name in SERVERLESS]
+    served = [name for name in chosen if name not in SERVERLESS]
+    order = serverless + served
 
     seconds: dict[str, float] = {}
 
@@ -124,14 +126,12 @@ def run(sizes: Sizes, sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
         progress.write(f"   {name}: {seconds[name]:.0f} s", file=sys.stderr)
 
     with Progress() as progress:
-        for name in order:
-            if name in SERVERLESS:
-                step(name, None, progress)
-        if any(name not in SERVERLESS for name in order):
+        for name in serverless:
+            step(name, None, progress)
+        if served:
             with servers() as found:
-                for name in order:
-                    if name not in SERVERLESS:
-                        step(name, found, progress)
+                for name in served:
+                    step(name, found, progress)
     results["section_seconds"] = seconds
     results["machine"]["load_at_end"] = load_average()
     results["machine"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
