@@ -199,6 +199,17 @@ class Scenario:
         due would have come by then."""
         return self.redelivery_delay + self.lease + 2.0
 
+    @property
+    def fault_interval(self) -> float:
+        """Seconds from one fault's end to the next one's being due (the first is due after
+        half of it). The faults fill the first 70 % of the submissions' span, so that even
+        the last one meets bodies running; the time the faults that hold the schedule last
+        (broker restarts, error replies) comes out of that span. A stopped process is
+        continued from the loop, and network faults end by themselves: neither holds it."""
+        held = self.broker_restarts * BROKER_RESTART_ESTIMATE
+        held += (self.ooms + self.readonlys + self.misconfs) * self.error_seconds
+        return max(0.5, (0.7 * self.duration - held) / max(1, len(self.schedule())))
+
     def schedule(self) -> list[str]:
         """The faults in their order of preference: kills between completion and ack first
         (their target, a lingering delivery, is the rarest), then kills between effect and
@@ -710,11 +721,7 @@ class ChaosRun:
     def loop(self) -> None:
         s = self.scenario
         pending = s.schedule()
-        # Faults fill the first 70 % of the submissions' span, so that even the last one
-        # meets bodies running; broker restarts block the schedule meanwhile (a stopped
-        # process is continued from this loop, so stops do not).
-        blocked = s.broker_restarts * BROKER_RESTART_ESTIMATE
-        interval = max(0.5, (0.7 * s.duration - blocked) / max(1, len(pending)))
+        interval = s.fault_interval
         next_fault = time.monotonic() + interval / 2
         deadline = time.monotonic() + s.timeout
         expected_messages = s.keys * workload.SUBMISSIONS
