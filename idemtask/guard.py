@@ -534,8 +534,8 @@ class Guard:
             ),
         )
         match answer:
-            case None:  # the store stayed down: the caller still gets its own value
-                return value
+            case None:
+                return self._unrecorded(attempt, value)
             case Completed():
                 emit(Decision.COMPLETED, call, attempt.task_id, token=attempt.token)
                 return value
@@ -543,6 +543,25 @@ class Guard:
                 return self._completed_late(attempt, answer, codec)
             case _:
                 assert_never(answer)
+
+    def _unrecorded(self, attempt: Attempt, value: Any) -> Any:
+        """The completion never landed: the record still says ``running``. Answering with
+        the value would let the framework ack the only message that can still finish the
+        key, so it is kept (deferred; it runs again once the lease ends) or failed, as
+        ``on_store_error`` says; only ``run`` (fail open) hands the value back."""
+        call, choice = attempt.call, attempt.policy.on_store_error
+        if choice == "run":
+            return value
+        if choice == "raise":
+            raise StoreUnavailable(f"the completion of key {call.key} could not be recorded")
+        emit(
+            Decision.DEFERRED,
+            call,
+            attempt.task_id,
+            delay=STORE_RETRY_DELAY,
+            reason="completion not recorded",
+        )
+        raise Deferred(STORE_RETRY_DELAY, "the idempotency store refused the completion")
 
     def _completed_late(self, attempt: Attempt, stale: Stale, codec: Codec) -> Any:
         """Another attempt took the key over before this one completed: hand back what it

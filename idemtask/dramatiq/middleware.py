@@ -20,16 +20,19 @@ takes every decision):
   opens the message's ``Delivery`` and decides it. Only a hook can set a message aside
   without running the actor: a deferred one is enqueued again (same id, same ``retries``) and
   this copy skipped, a dropped one skipped, with ``store_results`` off so Results stores no
-  ``None``. The ``Delivery`` is the one object the hook hands to the ``fn`` wrapper (a context
-  variable of the worker thread): ``delivery.run`` replays, runs the body under the lease, or
-  raises the decision's error from the actor, where Retries, Results and dead letters see it
-  (``emit_before`` would swallow it). The after hooks give back a lease whose body never ran,
+  ``None``. The hook hands the ``fn`` wrapper one object (``_Processing``, a context variable
+  of the worker thread): the ``Delivery`` and the hook's deferral. ``delivery.run`` replays,
+  runs the body under the lease, or raises the decision's error from the actor, where
+  Retries, Results and dead letters see it (``emit_before`` would swallow it). A body whose
+  completion the store never took is deferred the same way (no retry spent), so the message
+  that can still finish the key is kept. The after hooks give back a lease whose body never ran,
   and the reservation of a message skipped before the hook decided it (AgeLimit).
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -77,9 +80,23 @@ ACTOR_OPTIONS = {
 #: The per-send option for a caller-given key: ``send_with_options(idempotency_key="...")``.
 EXPLICIT_KEY_OPTION = "idempotency_key"
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Processing:
+    """What the hook hands the ``fn`` wrapper: the message's delivery, and how to set the
+    message aside for later when the body ran but its completion could not be recorded."""
+
+    delivery: Delivery
+    defer: Callable[[Deferred], None]
+
+    def runs_body_of(self, actor_name: str) -> bool:
+        """Whether a call of this actor is the delivery's body, not a nested call."""
+        return self.delivery.call.task_name == actor_name and not self.delivery.ran
+
+
 #: The delivery this worker thread is processing: opened by ``before_process_message``, run
 #: by the ``fn`` wrapper, closed by ``after_process_message`` / ``after_skip_message``.
-_delivery: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
+_processing: contextvars.ContextVar[_Processing | None] = contextvars.ContextVar(
     "idemtask_dramatiq_delivery", default=None
 )
 #: The message whose ``before_process_message`` this worker thread ran last: a skipped message
@@ -222,7 +239,7 @@ class IdempotencyMiddleware(Middleware):
         so Dramatiq fails the message as if the actor had raised it); every other error of the
         decision is raised by the ``fn`` wrapper.
         """
-        _delivery.set(None)
+        _processing.set(None)
         _reached.set(message.message_id)
         identity = self._identities.get(message.actor_name)
         if identity is None:
@@ -235,7 +252,8 @@ class IdempotencyMiddleware(Middleware):
             self.codec,
             deferrals=deferrals(message.options),
         )
-        _delivery.set(delivery)
+        defer = functools.partial(self._defer, broker, message)
+        _processing.set(_Processing(delivery, defer))
         try:
             delivery.decide()
         except Deferred as deferred:
@@ -290,10 +308,16 @@ def _guarded(name: str, inner: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(inner)
     def guarded_fn(*args: Any, **kwargs: Any) -> Any:
-        delivery = _delivery.get()
-        if delivery is None or delivery.call.task_name != name or delivery.ran:
+        processing = _processing.get()
+        if processing is None or not processing.runs_body_of(name):
             return inner(*args, **kwargs)
-        return delivery.run(lambda: inner(*args, **kwargs))
+        delivery = processing.delivery
+        try:
+            return delivery.run(lambda: inner(*args, **kwargs))
+        except Deferred as deferred:
+            if delivery.ran:  # the completion was not recorded: keep the message for later
+                processing.defer(deferred)
+            raise  # the broker refused the copy: Retries retries the message
 
     return guarded_fn
 
@@ -306,7 +330,7 @@ def _merged(throws: Any, policy: Policy) -> tuple[type[BaseException], ...]:
 
 def _set_aside(message: MessageProxy, reason: str) -> None:
     """Skip this copy without running it; Results stores no ``None`` for it."""
-    _delivery.set(None)
+    _processing.set(None)
     message.options["store_results"] = False
     raise SkipMessage(reason) from None
 
@@ -315,7 +339,7 @@ def _close(message: MessageProxy, reason: BaseException) -> None:
     """Runs after Retries (we sit before it, and ``emit_after`` goes in reverse): gives back
     a lease taken for a delivery whose body never ran (another middleware skipped or failed
     it) rather than leaving it to expire."""
-    delivery = _delivery.get()
-    _delivery.set(None)
-    if delivery is not None and delivery.task_id == message.message_id:
-        delivery.abandon(reason)
+    processing = _processing.get()
+    _processing.set(None)
+    if processing is not None and processing.delivery.task_id == message.message_id:
+        processing.delivery.abandon(reason)

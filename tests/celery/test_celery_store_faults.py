@@ -20,6 +20,7 @@ from celery_testapp import decisions
 
 import idemtask
 from idemtask.errors import StoreRefused, StoreUnavailable
+from idemtask.store.base import State
 
 from servers import RedisServer
 
@@ -124,3 +125,38 @@ def test_a_body_whose_lease_cannot_be_renewed_sees_lease_lost(
         _out_of_memory(store, full=False)
         assert counter.get("lost:w1") == b"1"
         result.get(timeout=30, propagate=False)
+
+
+def test_a_completion_the_store_refuses_keeps_the_message_until_it_is_recorded(
+    make_app: Callable[..., Celery],
+    fresh_redis: Callable[..., RedisServer],
+    counter: redis.Redis,
+) -> None:
+    """The store starts refusing (OOM) after the body ran and stays so longer than the lease:
+    the completion never lands. The message must not be acked as SUCCESS with its record
+    left ``running`` (no copy would be left to record the key): it is kept, runs again once
+    the store recovers, and the key ends ``done``."""
+    store = fresh_redis()
+    app = make_app(store_url=store.url, idemtask_conf={"lease": 1})
+
+    @app.task(shared=False, name="t.unrecorded")
+    def unrecorded(token: str) -> int:
+        runs = int(counter.incr(f"runs:{token}"))
+        if runs == 1:
+            _out_of_memory(store, full=True)
+        return runs
+
+    key = unrecorded.idemtask_key(("u1",)).key
+    with running_worker(app, concurrency=1):
+        result = unrecorded.delay("u1")
+        wait_for(
+            lambda: decisions(counter, key).get("store_unavailable") or result.ready(),
+            20,
+            "a completion refused by the store",
+        )
+        time.sleep(0.5)
+        _out_of_memory(store, full=False)
+        assert result.get(timeout=30) == 2
+    assert int(counter.get("runs:u1") or 0) == 2
+    record = unrecorded._guard().store.inspect(key)
+    assert record is not None and record.state is State.DONE

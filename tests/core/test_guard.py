@@ -399,6 +399,39 @@ def test_completion_survives_a_short_store_outage(
     assert record is not None and record.state is State.DONE
 
 
+@pytest.mark.parametrize("on_store_error", ["defer", "raise", "run"])
+def test_a_completion_the_store_never_takes_keeps_the_message(
+    fresh_redis: Callable[..., RedisServer], on_store_error: str
+) -> None:
+    """The store stays down past the lease after the body ran: nothing was recorded, so the
+    delivery must not answer as if it had been (its message would be acked, the record left
+    ``running`` with no copy left to finish it). ``defer`` keeps the message, ``raise``
+    fails it into the framework; only ``run`` (fail open) hands back the value."""
+    server = fresh_redis(appendonly=True)
+    guard = Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+    c = call()
+    policy = FAST.with_options({"on_store_error": on_store_error}, source="t")
+
+    def body() -> str:
+        server.stop()
+        return "paid"
+
+    try:
+        if on_store_error == "run":
+            assert guard.run(policy, c, "t1", body, CODEC) == "paid"
+        elif on_store_error == "raise":
+            with pytest.raises(StoreUnavailable, match="completion"):
+                guard.run(policy, c, "t1", body, CODEC)
+        else:
+            with pytest.raises(Deferred) as deferred:
+                guard.run(policy, c, "t1", body, CODEC)
+            assert deferred.value.delay > 0
+    finally:
+        server.start()
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.RUNNING
+
+
 def test_delivery_decides_once_and_records_once(guard: Guard) -> None:
     c = call()
     delivery = guard.delivery(FAST, c, "t1", CODEC)

@@ -10,6 +10,7 @@ decides: publish unreserved by default, raise ``StoreUnavailable`` and publish n
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from dramatiq_helpers import wait_for
 
 from idemtask.dramatiq import IdempotencyMiddleware
 from idemtask.errors import StoreRefused, StoreUnavailable
+from idemtask.store.base import State
 
 from servers import RedisServer
 
@@ -141,3 +143,44 @@ def test_out_of_memory_at_enqueue_raises_and_publishes_nothing_when_told(
         noop.send(1)
     assert isinstance(raised.value, StoreRefused) and raised.value.reason == "OOM"
     assert setup.queued() == 0
+
+
+def test_a_completion_the_store_refuses_keeps_the_message_until_it_is_recorded(
+    env: Callable[..., Env], fresh_redis: Callable[..., RedisServer], decisions: Any
+) -> None:
+    """The store refuses (OOM) from the end of the body for longer than the lease, so the
+    completion never lands. The message must not be acked with its record left ``running``:
+    it is set aside (no retry spent, nothing dead-lettered), runs again once the store
+    recovers, and the key ends ``done``."""
+    store = fresh_redis()
+    setup = env(store.url, lease=1)
+    runs = f"{setup.namespace}:runs"
+
+    @dramatiq.actor(idempotent=True, store_results=True, max_retries=0)
+    def unrecorded(n: int) -> int:
+        count = int(setup.counters.incr(runs))
+        if count == 1:
+            _out_of_memory(store, full=True)
+        return count
+
+    message = unrecorded.send(3)
+    worker = dramatiq.Worker(setup.broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        wait_for(
+            lambda: decisions.count("store_unavailable") > 0 or setup.dead_letters() > 0,
+            20,
+            "a completion refused by the store",
+        )
+        time.sleep(0.5)
+        _out_of_memory(store, full=False)
+        assert message.get_result(block=True, timeout=30_000) == 2
+        assert int(setup.counters.get(runs) or 0) == 2
+        assert setup.dead_letters() == 0
+        middleware = next(
+            m for m in setup.broker.middleware if isinstance(m, IdempotencyMiddleware)
+        )
+        record = middleware.guard.store.inspect(middleware.derive("unrecorded", (3,), {}).key)
+        assert record is not None and record.state is State.DONE
+    finally:
+        worker.stop()
