@@ -7,10 +7,9 @@ from typing import Any
 import redis
 
 from idemtask.config import Settings
-from idemtask.errors import StoreUnavailable
 from idemtask.findings import Finding, Level
 from idemtask.redact import redact_text, redact_url
-from idemtask.runtime import open_store
+from idemtask.runtime import open_store, unreachable
 from idemtask.store.redis import RedisStore
 
 
@@ -32,20 +31,15 @@ def check_store(settings: Settings, *, in_process_broker: bool = False) -> list[
     store = open_store(settings)
     if not isinstance(store, RedisStore):
         return [Finding(Level.OK, "store.shared", f"store {type(store).__name__}")]
+    problem = unreachable(settings)
     try:
-        store.ping()
-        memory = store.client.info("memory")
-        persistence = store.client.info("persistence")
-    except (StoreUnavailable, redis.exceptions.RedisError) as exc:
-        return [
-            Finding(
-                Level.ERROR,
-                "store.reachable",
-                f"cannot reach the store at {redact_url(settings.redis_url)}: "
-                f"{redact_text(str(exc))}",
-                "start Redis or fix redis_url",
-            )
-        ]
+        if problem is None:
+            memory = store.client.info("memory")
+            persistence = store.client.info("persistence")
+    except redis.exceptions.RedisError as exc:
+        problem = f"the store at {redact_url(settings.redis_url)}: {redact_text(str(exc))}"
+    if problem is not None:
+        return [Finding(Level.ERROR, "store.reachable", problem, "start Redis or fix redis_url")]
     findings = [
         Finding(Level.OK, "store.shared", "a Redis store, shared by every worker"),
         Finding(Level.OK, "store.reachable", f"store at {redact_url(settings.redis_url)} answers"),

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 
 from idemtask.config import Settings, resolve_settings
-from idemtask.errors import ConfigurationError
+from idemtask.errors import ConfigurationError, StoreUnavailable
 from idemtask.guard import Guard
-from idemtask.redact import redact_text
+from idemtask.redact import redact_text, redact_url
 from idemtask.store.base import Store
 from idemtask.store.memory import MemoryStore
 from idemtask.store.redis import RedisStore
@@ -34,6 +36,38 @@ def open_store(settings: Settings) -> Store:
         refused = exc  # a malformed URL: its message quotes the URL, password and all
     # Raised outside the handler, so the original (unredacted) error is not chained to it.
     raise ConfigurationError(f"redis_url: {redact_text(str(refused))}")
+
+
+def unreachable(settings: Settings) -> str | None:
+    """Why the store ``settings`` name does not answer a PING (its URL redacted), or None.
+
+    The check uses a store of its own, closed after it: a worker that forks next does not
+    hand this connection to its children."""
+    if settings.uses_memory_store:
+        return None
+    store = open_store(settings)
+    if not isinstance(store, RedisStore):
+        return None
+    try:
+        store.ping()
+    except StoreUnavailable as exc:
+        where = redact_url(settings.redis_url)
+        return f"cannot reach the store at {where}: {redact_text(str(exc))}"
+    finally:
+        with contextlib.suppress(Exception):
+            store.client.close()
+    return None
+
+
+def warn_if_unreachable(settings: Settings, logger: logging.Logger) -> None:
+    """At a worker's start: say once that the store does not answer, rather than let the
+    first deferred message be the only sign of it."""
+    problem = unreachable(settings)
+    if problem is not None:
+        logger.warning(
+            "idemtask: %s; guarded tasks are deferred (on_store_error) until it answers",
+            problem,
+        )
 
 
 def guard_for(settings: Settings) -> Guard:

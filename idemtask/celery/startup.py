@@ -1,5 +1,5 @@
 """Worker start-up: validate every idempotent task's options before the first message, and
-warn when the store cannot protect anything across processes."""
+warn when the store cannot protect anything across processes or does not answer."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_ready
 
 from idemtask.celery.config import app_settings, resolve_policy
 from idemtask.errors import ConfigurationError
+from idemtask.runtime import warn_if_unreachable
 
 logger = logging.getLogger("idemtask.celery")
 
@@ -56,4 +57,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         )
 
 
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Once, in the worker's main process, with its log set up (``worker_init`` is too early
+    for ``--logfile``)."""
+    app = getattr(sender, "app", None)
+    if app is not None and idempotent_tasks(app) and not app.conf.task_always_eager:
+        warn_if_unreachable(app_settings(app), logger)
+
+
 worker_init.connect(_on_worker_init, weak=False, dispatch_uid="idemtask.celery.worker_init")
+worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid="idemtask.celery.worker_ready")

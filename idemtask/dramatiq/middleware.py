@@ -59,7 +59,7 @@ from idemtask.identity import (
 )
 from idemtask.keys import DerivedKey, validate_key_spec
 from idemtask.policy import POLICY_OPTIONS, Policy
-from idemtask.runtime import guard_for
+from idemtask.runtime import guard_for, warn_if_unreachable
 
 from .codec import EncoderCodec
 from .errors import InvalidActorOptions, UnkeyableMessage
@@ -169,6 +169,10 @@ class IdempotencyMiddleware(Middleware):
     def before_declare_actor(self, broker: Broker, actor: dramatiq.Actor[Any, Any]) -> None:
         check_actor_options(broker, actor, ACTOR_OPTIONS)  # a misspelt option is refused
         self._configure(actor)
+
+    def after_worker_boot(self, broker: Broker, worker: dramatiq.Worker) -> None:
+        if self._identities:  # once per worker, before its first message
+            warn_if_unreachable(self.settings, logger)
 
     def after_declare_actor(self, broker: Broker, actor: dramatiq.Actor[Any, Any] | str) -> None:
         if isinstance(actor, str):

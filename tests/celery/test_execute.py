@@ -4,16 +4,19 @@ deliveries get the stored result through Celery's normal success path."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import pytest
 import redis
 from celery import Celery, chain, chord
-from celery_support import running_worker, wait_for
+from celery_support import WorkerProcess, running_worker, wait_for
 from celery_testapp import decisions
 
 from idemtask.celery import validate_app
 from idemtask.errors import ConfigurationError, KeyDerivationError, TaskFailedError
+
+from servers import free_port
 
 pytestmark = pytest.mark.celery
 
@@ -237,3 +240,17 @@ def test_memory_store_warns_at_worker_start(
     with caplog.at_level(logging.WARNING, logger="idemtask.celery"), running_worker(app):
         pass
     assert "MemoryStore guards nothing across worker processes" in caplog.text
+
+
+def test_a_worker_warns_once_at_start_when_the_store_cannot_be_reached(
+    worker_process: Callable[..., WorkerProcess],
+) -> None:
+    """A prefork worker whose store does not answer says so once, in its own log, with the
+    URL's password redacted (its guarded tasks are deferred until the store answers)."""
+    worker = worker_process(store_url=f"redis://:hunter2-pw@127.0.0.1:{free_port()}/1")
+    wait_for(lambda: "cannot reach the store" in worker.text(), 20, "the start-up warning")
+    time.sleep(1)  # every process has started: no second warning comes later
+    text = worker.text()
+    assert text.count("cannot reach the store") == 1, text
+    assert "redis://:***@127.0.0.1:" in text
+    assert "hunter2-pw" not in text

@@ -10,6 +10,7 @@ decides: publish unreserved by default, raise ``StoreUnavailable`` and publish n
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ from idemtask.dramatiq import IdempotencyMiddleware
 from idemtask.errors import StoreRefused, StoreUnavailable
 from idemtask.store.base import State
 
-from servers import RedisServer
+from servers import RedisServer, free_port
 
 pytestmark = pytest.mark.dramatiq
 
@@ -184,3 +185,26 @@ def test_a_completion_the_store_refuses_keeps_the_message_until_it_is_recorded(
         assert record is not None and record.state is State.DONE
     finally:
         worker.stop()
+
+
+def test_a_worker_warns_once_at_start_when_the_store_cannot_be_reached(
+    env: Callable[..., Env], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker whose store does not answer says so once as it boots, with the URL's
+    password redacted (its guarded actors are deferred until the store answers)."""
+    setup = env(f"redis://:hunter2-pw@127.0.0.1:{free_port()}/1")
+
+    @dramatiq.actor(idempotent=True)
+    def guarded(n: int) -> None: ...
+
+    worker = dramatiq.Worker(setup.broker, worker_threads=2, worker_timeout=100)
+    with caplog.at_level(logging.WARNING):
+        worker.start()
+        try:
+            wait_for(lambda: "cannot reach the store" in caplog.text, 20, "the warning")
+            time.sleep(0.5)
+        finally:
+            worker.stop()
+    assert caplog.text.count("cannot reach the store") == 1, caplog.text
+    assert "redis://:***@127.0.0.1:" in caplog.text
+    assert "hunter2-pw" not in caplog.text
