@@ -535,7 +535,8 @@ class Guard:
         )
         match answer:
             case None:
-                return self._unrecorded(attempt, value)
+                self._unrecorded(attempt, "completion")
+                return value
             case Completed():
                 emit(Decision.COMPLETED, call, attempt.task_id, token=attempt.token)
                 return value
@@ -544,24 +545,24 @@ class Guard:
             case _:
                 assert_never(answer)
 
-    def _unrecorded(self, attempt: Attempt, value: Any) -> Any:
-        """The completion never landed: the record still says ``running``. Answering with
-        the value would let the framework ack the only message that can still finish the
-        key, so it is kept (deferred; it runs again once the lease ends) or failed, as
-        ``on_store_error`` says; only ``run`` (fail open) hands the value back."""
+    def _unrecorded(self, attempt: Attempt, outcome: str) -> None:
+        """The key's outcome (its completion, a terminal failure) never landed: the record
+        still says ``running``. Answering now would let the framework ack the only message
+        that can still record the key, so it is kept (deferred; it runs again once the
+        lease ends) or failed, as ``on_store_error`` says; ``run`` (fail open) returns."""
         call, choice = attempt.call, attempt.policy.on_store_error
         if choice == "run":
-            return value
+            return
         if choice == "raise":
-            raise StoreUnavailable(f"the completion of key {call.key} could not be recorded")
+            raise StoreUnavailable(f"the {outcome} of key {call.key} could not be recorded")
         emit(
             Decision.DEFERRED,
             call,
             attempt.task_id,
             delay=STORE_RETRY_DELAY,
-            reason="completion not recorded",
+            reason=f"{outcome} not recorded",
         )
-        raise Deferred(STORE_RETRY_DELAY, "the idempotency store refused the completion")
+        raise Deferred(STORE_RETRY_DELAY, f"the idempotency store refused the {outcome}")
 
     def _completed_late(self, attempt: Attempt, stale: Stale, codec: Codec) -> Any:
         """Another attempt took the key over before this one completed: hand back what it
@@ -605,7 +606,8 @@ class Guard:
         )
         match answer:
             case None:
-                pass
+                if terminal:  # the key's answer, not recorded (idle: the next run decides)
+                    self._unrecorded(attempt, "terminal failure")
             case Stale():
                 emit(
                     Decision.STALE_COMPLETION,

@@ -160,3 +160,37 @@ def test_a_completion_the_store_refuses_keeps_the_message_until_it_is_recorded(
     assert int(counter.get("runs:u1") or 0) == 2
     record = unrecorded._guard().store.inspect(key)
     assert record is not None and record.state is State.DONE
+
+
+def test_a_terminal_failure_the_store_refuses_keeps_the_message_until_it_is_recorded(
+    make_app: Callable[..., Celery],
+    fresh_redis: Callable[..., RedisServer],
+    counter: redis.Redis,
+) -> None:
+    """As for a completion: a terminal error the store would not record is not acked as the
+    key's FAILURE with the record left ``running``; the message runs again after recovery
+    and the key ends ``failed``, the error every later handle replays."""
+    store = fresh_redis()
+    app = make_app(store_url=store.url, idemtask_conf={"lease": 1})
+
+    @app.task(shared=False, name="t.unrecorded_failure", terminal_exceptions=(LookupError,))
+    def unrecorded_failure(token: str) -> None:
+        if int(counter.incr(f"runs:{token}")) == 1:
+            _out_of_memory(store, full=True)
+        raise LookupError(f"no order {token}")
+
+    key = unrecorded_failure.idemtask_key(("f1",)).key
+    with running_worker(app, concurrency=1):
+        result = unrecorded_failure.delay("f1")
+        wait_for(
+            lambda: decisions(counter, key).get("store_unavailable") or result.ready(),
+            20,
+            "a failure refused by the store",
+        )
+        time.sleep(0.5)
+        _out_of_memory(store, full=False)
+        with pytest.raises(LookupError):
+            result.get(timeout=30)
+    assert int(counter.get("runs:f1") or 0) == 2
+    record = unrecorded_failure._guard().store.inspect(key)
+    assert record is not None and record.state is State.FAILED

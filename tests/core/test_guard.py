@@ -432,6 +432,33 @@ def test_a_completion_the_store_never_takes_keeps_the_message(
     assert record is not None and record.state is State.RUNNING
 
 
+@pytest.mark.parametrize("on_store_error", ["defer", "raise", "run"])
+def test_a_terminal_failure_the_store_never_takes_keeps_the_message(
+    fresh_redis: Callable[..., RedisServer], on_store_error: str
+) -> None:
+    """As for a completion: a terminal error that could not be recorded is not the key's
+    answer yet (a later call would run the body and might answer otherwise), so the message
+    is kept; only ``run`` lets the body's own error through."""
+    server = fresh_redis(appendonly=True)
+    guard = Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+    c = call()
+    options = {"on_store_error": on_store_error, "terminal_exceptions": (LookupError,)}
+    policy = FAST.with_options(options, source="t")
+
+    def body() -> str:
+        server.stop()
+        raise LookupError("no such order")
+
+    expected = {"defer": Deferred, "raise": StoreUnavailable, "run": LookupError}
+    try:
+        with pytest.raises(expected[on_store_error]):
+            guard.run(policy, c, "t1", body, CODEC)
+    finally:
+        server.start()
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.RUNNING
+
+
 def test_delivery_decides_once_and_records_once(guard: Guard) -> None:
     c = call()
     delivery = guard.delivery(FAST, c, "t1", CODEC)

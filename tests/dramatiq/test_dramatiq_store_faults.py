@@ -208,3 +208,44 @@ def test_a_worker_warns_once_at_start_when_the_store_cannot_be_reached(
     assert caplog.text.count("cannot reach the store") == 1, caplog.text
     assert "redis://:***@127.0.0.1:" in caplog.text
     assert "hunter2-pw" not in caplog.text
+
+
+def test_a_terminal_failure_the_store_refuses_keeps_the_message_until_it_is_recorded(
+    env: Callable[..., Env], fresh_redis: Callable[..., RedisServer], decisions: Any
+) -> None:
+    """A terminal error the store would not record is not the key's answer yet: the message
+    is set aside instead of being failed, runs again once the store recovers, and the key
+    ends ``failed``."""
+    store = fresh_redis()
+    setup = env(store.url, lease=1)
+    runs = f"{setup.namespace}:runs"
+
+    @dramatiq.actor(
+        idempotent=True, store_results=True, max_retries=0, terminal_exceptions=(LookupError,)
+    )
+    def unrecorded_failure(n: int) -> None:
+        if int(setup.counters.incr(runs)) == 1:
+            _out_of_memory(store, full=True)
+        raise LookupError(f"no order {n}")
+
+    unrecorded_failure.send(4)
+    worker = dramatiq.Worker(setup.broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        wait_for(
+            lambda: decisions.count("store_unavailable") > 0 or setup.dead_letters() > 0,
+            20,
+            "a failure refused by the store",
+        )
+        time.sleep(0.5)
+        _out_of_memory(store, full=False)
+        wait_for(lambda: setup.dead_letters() > 0, 30, "the recorded failure")
+        assert int(setup.counters.get(runs) or 0) == 2
+        middleware = next(
+            m for m in setup.broker.middleware if isinstance(m, IdempotencyMiddleware)
+        )
+        key = middleware.derive("unrecorded_failure", (4,), {}).key
+        record = middleware.guard.store.inspect(key)
+        assert record is not None and record.state is State.FAILED
+    finally:
+        worker.stop()
