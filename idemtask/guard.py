@@ -729,7 +729,18 @@ class Delivery:
         )
 
     def run(self, body: Callable[[], Any]) -> Any:
-        """What the caller gets: the replayed result, or the body's (recorded) value."""
+        """What the caller gets: the replayed result, or the body's (recorded) value.
+
+        Another attempt took the key over while the body ran (found by a step or by the
+        completion): the message is deferred, to get what that attempt records."""
+        try:
+            return self._run(body)
+        except LeaseLostError as exc:
+            if not self.ran or exc.key != self.call.key:
+                raise  # not this delivery's lease: an error the body passed on
+            raise Deferred(self.policy.lease, str(exc)) from exc
+
+    def _run(self, body: Callable[[], Any]) -> Any:
         decision = self.decide()
         if isinstance(decision, Replay):
             return decision.value(self.codec)

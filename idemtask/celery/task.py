@@ -250,17 +250,14 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
                 return delivery.run(body)
             return resumed.run(lambda: delivery.run(body))
         except Deferred as deferred:
-            if eager:
+            if eager:  # no broker to defer to: the caller sees why
+                lost = deferred.__cause__
+                if isinstance(lost, LeaseLostError):
+                    raise lost from None
                 raise AlreadyRunningError(call.key, "", deferred.delay) from None
             calls.defer(self, args, kwargs, deferred.delay, deferred.reason, deferred.deferrals)
         except Dropped as dropped:
             raise Ignore(str(dropped)) from None
-        except LeaseLostError as exc:
-            if eager or not _taken_over(exc, delivery, resumed):
-                raise
-            # Another attempt took the key over (found by a step or by the completion):
-            # deliver its recorded result later.
-            calls.defer(self, args, kwargs, policy.lease, str(exc))
 
     def on_replace(self, sig: Any) -> Any:
         """Hand this attempt to the replacement (same task id), which records its result
@@ -297,12 +294,6 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
             return None
         resumes = (given.attempt_id, given.token)
         return guard.delivery(identity.policy, given.call, message_id, codec, resumes=resumes)
-
-
-def _taken_over(exc: LeaseLostError, *deliveries: Delivery | None) -> bool:
-    """Whether ``exc`` is the lost lease of one of these deliveries, once its body was called
-    (not an error the body passed on from some other key)."""
-    return any(d is not None and d.ran and d.call.key == exc.key for d in deliveries)
 
 
 def _attempt_of(task_id: str) -> str | None:

@@ -19,7 +19,7 @@ from idemtask.dramatiq.middleware import DEFERRALS_OPTION, FINGERPRINT_OPTION, K
 from idemtask.errors import AlreadyRunningError, IdempotencyConflict, TaskFailedError
 from idemtask.guard import Call, Guard, busy_delay
 from idemtask.keys import bind_arguments, derive_key
-from idemtask.store.base import State
+from idemtask.store.base import Acquired, State
 
 pytestmark = pytest.mark.dramatiq
 
@@ -602,3 +602,48 @@ def test_deferral_refused_by_the_broker_is_retried_not_lost(stub_env, counters) 
     assert counters.get("job") == 0
     assert not env.broker.dead_letters
     assert [m.options.get("retries") for m in enqueued][:2] == [None, 1]  # Retries kept it
+
+
+def test_a_step_that_finds_its_key_taken_over_gets_the_new_holders_result(
+    stub_env, counters, decisions
+) -> None:
+    """Another attempt took the key over while this body ran (its worker froze past the
+    lease) and completed it; this body's next step finds that out. Its message is neither
+    failed nor dead-lettered as ``LeaseLostError`` (``max_retries=0``): as on Celery, it is
+    deferred and its handle gets the value the key recorded."""
+    env = stub_env()
+    store, codec = env.middleware.guard.store, env.middleware.codec
+
+    @dramatiq.actor(idempotent=True, store_results=True, max_retries=0, lease=1)
+    def settle(order: str) -> str:
+        counters.hit("runs")
+        idemtask.step("reserve", lambda: "reserved")
+        derived = env.middleware.derive("settle", (order,), {})
+        store.forget(derived.key)  # what a takeover after the lease ended leaves behind
+        taken = store.acquire(
+            derived.key,
+            task_id="other",
+            attempt_id="other-attempt",
+            task_name="settle",
+            fingerprint=derived.fingerprint,
+            lease_ms=10_000,
+            max_deliveries=5,
+            ttl_ms=60_000,
+        )
+        assert isinstance(taken, Acquired)
+        store.complete(
+            derived.key,
+            attempt_id="other-attempt",
+            token=taken.token,
+            result=codec.encode("settled by the other"),
+            result_ttl_ms=60_000,
+        )
+        idemtask.step("charge", lambda: "charged")
+        return "settled by this one"
+
+    env.start()
+    message = settle.send("o-7")
+    assert message.get_result(block=True, timeout=20_000) == "settled by the other"
+    assert counters.get("runs") == 1
+    assert decisions.count("replayed") >= 1
+    assert env.broker.dead_letters == []
