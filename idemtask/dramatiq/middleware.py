@@ -20,22 +20,18 @@ takes every decision):
   opens the message's ``Delivery`` and decides it. Only a hook can set a message aside
   without running the actor: a deferred one is enqueued again (same id, same ``retries``) and
   this copy skipped, a dropped one skipped, with ``store_results`` off so Results stores no
-  ``None``. The hook hands the ``fn`` wrapper one object (``_Processing``, a context variable
-  of the worker thread): the ``Delivery`` and the hook's deferral. ``delivery.run`` replays,
-  runs the body under the lease, or raises the decision's error from the actor, where
-  Retries, Results and dead letters see it (``emit_before`` would swallow it). A body whose
-  completion the store never took is deferred the same way (no retry spent), so the message
-  that can still finish the key is kept. The after hooks give back a lease whose body never ran,
-  and the reservation of a message skipped before the hook decided it (AgeLimit).
+  ``None``. The decision reaches the body through ``handoff`` (one documented object):
+  ``delivery.run`` replays, runs the body under the lease, or raises the decision's error
+  from the actor, where Retries, Results and dead letters see it; a body that ran but left
+  its key unrecorded is deferred the same way (no retry spent). The after hooks give back a
+  lease whose body never ran, and the reservation of a message skipped before the hook
+  decided it (AgeLimit).
 """
 
 from __future__ import annotations
 
-import contextvars
-import dataclasses
 import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -46,7 +42,7 @@ from dramatiq.middleware import Middleware, SkipMessage
 from idemtask.codecs import Codec
 from idemtask.config import Settings, resolve_settings
 from idemtask.errors import ConfigurationError, KeyDerivationError
-from idemtask.guard import Deferred, Delivery, Dropped, Guard, final_exceptions
+from idemtask.guard import Deferred, Dropped, Guard, final_exceptions
 from idemtask.identity import (
     DEFERRALS_FIELD,
     FINGERPRINT_FIELD,
@@ -61,6 +57,7 @@ from idemtask.keys import DerivedKey, validate_key_spec
 from idemtask.policy import POLICY_OPTIONS, Policy
 from idemtask.runtime import guard_for, warn_if_unreachable
 
+from . import handoff
 from .codec import EncoderCodec
 from .errors import InvalidActorOptions, UnkeyableMessage
 from .options import check_actor_options
@@ -79,31 +76,6 @@ ACTOR_OPTIONS = {
 }
 #: The per-send option for a caller-given key: ``send_with_options(idempotency_key="...")``.
 EXPLICIT_KEY_OPTION = "idempotency_key"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Processing:
-    """What the hook hands the ``fn`` wrapper: the message's delivery, and how to set the
-    message aside for later when the body ran but its completion could not be recorded."""
-
-    delivery: Delivery
-    defer: Callable[[Deferred], None]
-
-    def runs_body_of(self, actor_name: str) -> bool:
-        """Whether a call of this actor is the delivery's body, not a nested call."""
-        return self.delivery.call.task_name == actor_name and not self.delivery.ran
-
-
-#: The delivery this worker thread is processing: opened by ``before_process_message``, run
-#: by the ``fn`` wrapper, closed by ``after_process_message`` / ``after_skip_message``.
-_processing: contextvars.ContextVar[_Processing | None] = contextvars.ContextVar(
-    "idemtask_dramatiq_delivery", default=None
-)
-#: The message whose ``before_process_message`` this worker thread ran last: a skipped message
-#: that is not it was set aside before idemtask decided it (AgeLimit, in the default stack).
-_reached: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "idemtask_dramatiq_reached", default=None
-)
 
 
 class IdempotencyMiddleware(Middleware):
@@ -206,7 +178,7 @@ class IdempotencyMiddleware(Middleware):
         if identity is None or getattr(actor, "_idemtask_installed", False):
             return
         actor.options["throws"] = _merged(actor.options.get("throws"), identity.policy)
-        actor.fn = _guarded(actor.actor_name, actor.fn)
+        actor.fn = handoff.guarded(actor.actor_name, actor.fn)
         send = guarded_send(actor, self._stamp, identity.policy, self.settings, self.codec)
         setattr(actor, "send_with_options", send)  # noqa: B010 - instance override
         setattr(actor, "_idemtask_installed", True)  # noqa: B010
@@ -243,8 +215,7 @@ class IdempotencyMiddleware(Middleware):
         so Dramatiq fails the message as if the actor had raised it); every other error of the
         decision is raised by the ``fn`` wrapper.
         """
-        _processing.set(None)
-        _reached.set(message.message_id)
+        handoff.enter(message.message_id)
         identity = self._identities.get(message.actor_name)
         if identity is None:
             return
@@ -256,14 +227,13 @@ class IdempotencyMiddleware(Middleware):
             self.codec,
             deferrals=deferrals(message.options),
         )
-        defer = functools.partial(self._defer, broker, message)
-        _processing.set(_Processing(delivery, defer))
+        handoff.hand(delivery, functools.partial(self._defer, broker, message))
         try:
             delivery.decide()
         except Deferred as deferred:
             self._defer(broker, message, deferred)
         except Dropped as dropped:
-            _set_aside(message, str(dropped))
+            handoff.set_aside(message, str(dropped))
         except Exception:
             return  # ``delivery.run`` raises it again, from the actor
 
@@ -279,7 +249,7 @@ class IdempotencyMiddleware(Middleware):
             logger.warning("idemtask could not defer %s: %s", message.message_id, exc)
             deferred.__cause__ = exc
             return
-        _set_aside(message, f"idemtask deferred: {deferred.reason}")
+        handoff.set_aside(message, f"idemtask deferred: {deferred.reason}")
 
     def after_process_message(
         self,
@@ -289,12 +259,12 @@ class IdempotencyMiddleware(Middleware):
         result: Any | None = None,
         exception: BaseException | None = None,
     ) -> None:
-        _close(message, exception or RuntimeError("the actor was not called"))
+        handoff.close(message, exception or RuntimeError("the actor was not called"))
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
-        if _reached.get() != message.message_id:
+        if not handoff.reached(message.message_id):
             self._unreserve(message)
-        _close(message, SkipMessage("skipped by another middleware"))
+        handoff.close(message, SkipMessage("skipped by another middleware"))
 
     def _unreserve(self, message: MessageProxy) -> None:
         """Give back the reservation of a message skipped before idemtask decided it: no
@@ -306,44 +276,7 @@ class IdempotencyMiddleware(Middleware):
             self.guard.cancel(call, message.message_id)
 
 
-def _guarded(name: str, inner: Callable[..., Any]) -> Callable[..., Any]:
-    """``actor.fn`` run through this thread's delivery of the actor; a direct call (outside a
-    worker, another actor's body, the body calling itself) is a plain function call."""
-
-    @functools.wraps(inner)
-    def guarded_fn(*args: Any, **kwargs: Any) -> Any:
-        processing = _processing.get()
-        if processing is None or not processing.runs_body_of(name):
-            return inner(*args, **kwargs)
-        delivery = processing.delivery
-        try:
-            return delivery.run(lambda: inner(*args, **kwargs))
-        except Deferred as deferred:
-            if delivery.ran:  # the completion was not recorded: keep the message for later
-                processing.defer(deferred)
-            raise  # the broker refused the copy: Retries retries the message
-
-    return guarded_fn
-
-
 def _merged(throws: Any, policy: Policy) -> tuple[type[BaseException], ...]:
     """The actor's own ``throws`` (a class, a tuple or None) plus the policy's final ones."""
     own = throws if isinstance(throws, tuple) else () if throws is None else (throws,)
     return (*own, *(e for e in final_exceptions(policy) if e not in own))
-
-
-def _set_aside(message: MessageProxy, reason: str) -> None:
-    """Skip this copy without running it; Results stores no ``None`` for it."""
-    _processing.set(None)
-    message.options["store_results"] = False
-    raise SkipMessage(reason) from None
-
-
-def _close(message: MessageProxy, reason: BaseException) -> None:
-    """Runs after Retries (we sit before it, and ``emit_after`` goes in reverse): gives back
-    a lease taken for a delivery whose body never ran (another middleware skipped or failed
-    it) rather than leaving it to expire."""
-    processing = _processing.get()
-    _processing.set(None)
-    if processing is not None and processing.delivery.task_id == message.message_id:
-        processing.delivery.abandon(reason)
