@@ -9,17 +9,13 @@ events and those core calls.
 
 from __future__ import annotations
 
-import contextvars
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from celery import Task
-from celery.canvas import Signature
 from celery.exceptions import Ignore, Retry
 from kombu.utils.uuid import uuid
 
-from idemtask.celery import calls
+from idemtask.celery import calls, running
 from idemtask.celery.config import (
     app_settings,
     check_task_class,
@@ -28,24 +24,22 @@ from idemtask.celery.config import (
     task_policy,
 )
 from idemtask.celery.django import OnCommit
+from idemtask.celery.replace import HandsOverOnReplace
 from idemtask.errors import (
     AlreadyRunningError,
     ConfigurationError,
     KeyDerivationError,
     LeaseLostError,
 )
-from idemtask.guard import Call, Deferred, Delivery, Dropped, Guard, inline
+from idemtask.guard import Call, Deferred, Dropped, Guard, inline
 from idemtask.identity import (
     FINGERPRINT_FIELD,
     KEY_FIELD,
-    Handed,
     Identity,
     carry,
     deferrals,
     follow,
     followed,
-    hand,
-    handed,
 )
 from idemtask.keys import DerivedKey
 from idemtask.policy import Policy
@@ -58,20 +52,7 @@ FINGERPRINT_HEADER = FINGERPRINT_FIELD
 KEY_OPTION = "idempotency_key"
 
 
-@dataclasses.dataclass(slots=True)
-class _Entered:
-    """A request this context entered ``__call__`` for, and the delivery guarding it."""
-
-    request: Any
-    delivery: Delivery | None = None
-
-
-_entered: contextvars.ContextVar[tuple[_Entered, ...]] = contextvars.ContextVar(
-    "idemtask_celery_entered", default=()
-)
-
-
-class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
+class IdempotentTask(OnCommit, HandsOverOnReplace):
     """A Celery task that runs its body at most once per idempotency key.
 
     Use per task (``@app.task(base=IdempotentTask, lease=30)``) or for a whole app
@@ -169,7 +150,7 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         if headers is not None:
             carry(call, message_id, headers)
             if resubmit and int(options.get("retries") or 0) > int(self.request.retries or 0):
-                follow(_attempt_of(message_id), headers)
+                follow(running.attempt_of(message_id), headers)
         reserve, delay = not passthrough, calls.delay_of(options)
         with guard.publishing(
             identity.policy, call, message_id, delay=delay, reserve=reserve
@@ -203,25 +184,21 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         """Guard one delivery. Direct calls (``task(...)``, and a body calling its own task)
         run as on a plain Task; so does every call of a task that is not guarded."""
         request = self.request
-        if request.called_directly or any(e.request is request for e in _entered.get()):
+        if request.called_directly or running.is_running(request):
             return super().__call__(*args, **kwargs)
-        entry = _Entered(request)
-        token = _entered.set((*_entered.get(), entry))
-        try:
+        with running.entering(request) as entry:
             identity, guard = self._guarded()
             if identity is None:
                 # The tracer already pushed this request; Task.__call__ would push a second
                 # one, which a plain task (whose ``run`` the tracer calls) never sees.
                 return self.run(*args, **kwargs)
             return self._deliver(identity, guard, entry, args, kwargs)
-        finally:
-            _entered.reset(token)
 
     def _deliver(
         self,
         identity: Identity,
         guard: Guard,
-        entry: _Entered,
+        entry: running.Entered,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
@@ -232,7 +209,7 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
         call = identity.resolve(fields, request.id, args, kwargs)
         codec = codec_for(self.app)
         if eager:
-            _release_predecessor(request)
+            running.release_predecessor(request)
         delivery = guard.delivery(
             policy, call, request.id, codec, follows=followed(fields), deferrals=deferrals(fields)
         )
@@ -244,7 +221,7 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
                 delivery.release(value)
             return value
 
-        resumed = None if eager else self._resumed(fields, request.id, guard, codec, call)
+        resumed = None if eager else self.resumed(fields, request.id, guard, codec, call)
         try:
             if resumed is None:
                 return delivery.run(body)
@@ -258,61 +235,3 @@ class IdempotentTask(OnCommit, Task):  # type: ignore[misc]
             calls.defer(self, args, kwargs, deferred.delay, deferred.reason, deferred.deferrals)
         except Dropped as dropped:
             raise Ignore(str(dropped)) from None
-
-    def on_replace(self, sig: Any) -> Any:
-        """Hand this attempt to the replacement (same task id), which records its result
-        under the replaced call too: a duplicate of that call gets the replacement's answer.
-        Only a single idempotent task can take it; otherwise the key is given back idle."""
-        entry = next((e for e in _entered.get() if e.request is self.request), None)
-        delivery = entry.delivery if entry is not None else None
-        attempt = delivery.attempt if delivery is not None else None
-        target = self.app.tasks.get(getattr(sig, "task", None) or "")
-        if attempt is None or self.request.is_eager or type(sig) is not Signature:
-            return super().on_replace(sig)
-        if not isinstance(target, IdempotentTask) or target.idemtask_identity() is None:
-            return super().on_replace(sig)
-        headers = dict(sig.options.get("headers") or {})
-        hand(Handed(attempt.call, attempt.attempt_id, attempt.token), self.request.id, headers)
-        sig.set(headers=headers)
-        try:
-            return super().on_replace(sig)
-        except Ignore:  # published: the replacement resumes the attempt
-            assert delivery is not None
-            delivery.hand_over()
-            raise
-
-    def _resumed(
-        self, fields: Mapping[str, Any], message_id: str, guard: Guard, codec: Any, own: Call
-    ) -> Delivery | None:
-        """The replaced call's delivery, resuming the attempt handed to this message."""
-        given = handed(fields, message_id)
-        replaced = self.app.tasks.get(given.call.task_name) if given is not None else None
-        if given is None or not isinstance(replaced, IdempotentTask) or given.call == own:
-            return None
-        identity = replaced.idemtask_identity()
-        if identity is None:
-            return None
-        resumes = (given.attempt_id, given.token)
-        return guard.delivery(identity.policy, given.call, message_id, codec, resumes=resumes)
-
-
-def _attempt_of(task_id: str) -> str | None:
-    """The attempt this context runs for ``task_id``: a retry follows it."""
-    for entry in _entered.get():
-        attempt = entry.delivery.attempt if entry.delivery is not None else None
-        if attempt is not None and attempt.task_id == task_id:
-            return attempt.attempt_id
-    return None
-
-
-def _release_predecessor(request: Any) -> None:
-    """Celery < 5.7 runs an eager retry inside its predecessor's body: give that key back."""
-    for entry in _entered.get():
-        earlier = entry.request
-        if (
-            entry.delivery is not None
-            and earlier is not request
-            and earlier.id == request.id
-            and int(earlier.retries or 0) < int(request.retries or 0)
-        ):
-            entry.delivery.release(Retry("eager retry"))
