@@ -132,7 +132,7 @@ def _app_layer(
     if celery_app:
         from idemtask.celery.config import CONF_NAME, app_conf
 
-        return f"app.conf.{CONF_NAME} of {celery_app}", app_conf(load_object(celery_app))
+        return f"app.conf.{CONF_NAME} of {celery_app}", app_conf(load_celery_app(celery_app))
     if dramatiq_broker:
         from idemtask.dramatiq import IdempotencyMiddleware
 
@@ -372,6 +372,18 @@ def load_object(spec: str) -> Any:
     return obj
 
 
+def load_celery_app(spec: str) -> Any:
+    """The Celery app ``-A`` names, found as Celery's own ``-A`` finds it: ``proj`` (its
+    ``app`` or ``celery`` attribute, or ``proj.celery``'s), ``proj.module`` or ``module:app``."""
+    from celery.app.utils import find_app
+
+    sys.path.insert(0, "")
+    try:
+        return find_app(spec)
+    except Exception as exc:
+        raise Fail(f"cannot load the Celery app {spec!r}: {_describe(exc)}") from exc
+
+
 def print_findings(findings: list[Finding]) -> None:
     colors = {Level.OK: "green", Level.WARNING: "yellow", Level.ERROR: "red"}
     for finding in findings:
@@ -405,7 +417,7 @@ def doctor(
     if celery_app:
         from idemtask.celery import check_app
 
-        findings += check_app(load_object(celery_app))
+        findings += check_app(load_celery_app(celery_app))
     if dramatiq_broker:
         from idemtask.dramatiq import check_broker
 

@@ -104,7 +104,7 @@ def test_bad_input_is_one_line_and_non_zero(
     assert code == 2 and "no store configured" in out
     code, out = run("doctor", "--celery", "no_such_module_xyz:app")
     assert code == 2 and out.strip() == (
-        "error: cannot import no_such_module_xyz: ModuleNotFoundError: "
+        "error: cannot load the Celery app 'no_such_module_xyz:app': ModuleNotFoundError: "
         "No module named 'no_such_module_xyz'"
     )
 
@@ -175,7 +175,12 @@ def test_store_commands_read_the_store_from_an_app_or_broker(
     tag = app_modules
     _record(RedisStore.from_url(redis_url, prefix=tag), "k1")
     _record(RedisStore.from_url(redis_url), "other")  # the default prefix: not the app's
-    for source in (["-A", f"{tag}_celery:app"], ["--dramatiq", f"{tag}_dramatiq:broker"]):
+    sources = (
+        ["-A", f"{tag}_celery:app"],
+        ["-A", f"{tag}_celery"],  # as Celery's own -A: the module's ``app``
+        ["--dramatiq", f"{tag}_dramatiq:broker"],
+    )
+    for source in sources:
         code, out = run("list", *source)
         assert code == 0 and out.split()[:2] == ["k1", "done"], out
         assert len(out.splitlines()) == 1
