@@ -52,7 +52,7 @@ def unreachable(settings: Settings) -> str | None:
         store.ping()
     except StoreUnavailable as exc:
         where = redact_url(settings.redis_url)
-        return f"cannot reach the store at {where}: {redact_text(str(exc))}"
+        return f"cannot reach the store at {where} ({redact_text(str(exc)).rstrip('.')})"
     finally:
         with contextlib.suppress(Exception):
             store.client.close()

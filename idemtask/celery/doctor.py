@@ -96,6 +96,13 @@ def _policies(app: Celery, settings: Settings) -> tuple[list[_Guarded], list[Fin
         finding = Finding(
             Level.ERROR, "celery.task_options", "; ".join(problems), "fix the task options"
         )
+    elif not guarded:
+        finding = Finding(
+            Level.WARNING,
+            "celery.task_options",
+            "no task of this app is guarded",
+            "@app.task(base=IdempotentTask, ...) or Celery(..., task_cls=IdempotentTask)",
+        )
     else:
         finding = Finding(
             Level.OK,

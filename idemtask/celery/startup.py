@@ -46,10 +46,10 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     try:
         validate_app(app)
     except ConfigurationError as err:
-        logger.critical("%s", err)
         # Celery logs and swallows ordinary exceptions from signal handlers; a worker that
-        # would fail every guarded task must not start.
-        raise SystemExit(f"idemtask: {err}") from err
+        # would fail every guarded task must not start. Its message is printed once, by the
+        # interpreter on the way out (logging is not set up yet: a log call would print too).
+        raise SystemExit(f"error: {err}") from err
     if app_settings(app).uses_memory_store and not app.conf.task_always_eager:
         logger.warning(
             "idemtask: no redis_url in app.conf.idemtask: the in-process MemoryStore guards "

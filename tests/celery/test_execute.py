@@ -4,8 +4,12 @@ deliveries get the stored result through Celery's normal success path."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -254,3 +258,29 @@ def test_a_worker_warns_once_at_start_when_the_store_cannot_be_reached(
     assert text.count("cannot reach the store") == 1, text
     assert "redis://:***@127.0.0.1:" in text
     assert "hunter2-pw" not in text
+
+
+def test_a_worker_with_invalid_options_says_so_once_and_does_not_start(tmp_path: Path) -> None:
+    """``celery worker`` on an app with two bad tasks exits with one message listing both."""
+    (tmp_path / "badopts_app.py").write_text(
+        "from celery import Celery\n"
+        "from idemtask.celery import IdempotentTask\n"
+        "app = Celery('bad', broker='memory://', task_cls=IdempotentTask)\n"
+        "app.conf.idemtask = {'redis_url': 'memory://'}\n"
+        "@app.task(name='t.bad', idempotency_key=('missing',))\n"
+        "def bad(order_id): ...\n"
+        "@app.task(name='t.bad2', on_running='sometimes')\n"
+        "def bad2(): ...\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "badopts_app", "worker", "--pool=solo"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert output.count("invalid idemtask configuration") == 1, output
+    assert "t.bad" in output and "on_running" in output, output
