@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import redis
 
 from idemtask.config import Settings
 from idemtask.findings import Finding, Level
-from idemtask.redact import redact_text, redact_url
+from idemtask.redact import redact_url
 from idemtask.runtime import open_store, unreachable
+from idemtask.store.failures import classify, client_secrets
 from idemtask.store.redis import RedisStore
 
 
@@ -32,24 +35,41 @@ def check_store(settings: Settings, *, in_process_broker: bool = False) -> list[
     if not isinstance(store, RedisStore):
         return [Finding(Level.OK, "store.shared", f"store {type(store).__name__}")]
     problem = unreachable(settings)
-    try:
-        if problem is None:
-            memory = store.client.info("memory")
-            persistence = store.client.info("persistence")
-    except redis.exceptions.RedisError as exc:
-        problem = f"the store at {redact_url(settings.redis_url)}: {redact_text(str(exc))}"
     if problem is not None:
         return [Finding(Level.ERROR, "store.reachable", problem, "start Redis or fix redis_url")]
-    findings = [
-        Finding(Level.OK, "store.shared", "a Redis store, shared by every worker"),
-        Finding(Level.OK, "store.reachable", f"store at {redact_url(settings.redis_url)} answers"),
-    ]
-    findings.append(_eviction(_text(memory.get("maxmemory_policy", "unknown"))))
-    findings.append(_persistence(store, str(persistence.get("aof_enabled", 0)) == "1"))
-    return findings
+    try:
+        return [
+            Finding(Level.OK, "store.shared", "a Redis store, shared by every worker"),
+            Finding(
+                Level.OK, "store.reachable", f"store at {redact_url(settings.redis_url)} answers"
+            ),
+            _unless_refused(store, "store.eviction", "maxmemory-policy", _eviction),
+            _unless_refused(store, "store.persistence", "persistence", _persistence),
+        ]
+    finally:
+        with contextlib.suppress(Exception):
+            store.client.close()
 
 
-def _eviction(policy: str) -> Finding:
+def _unless_refused(
+    store: RedisStore, code: str, what: str, check: Callable[[RedisStore], Finding]
+) -> Finding:
+    """A check whose reads the store refuses (a least-privilege ACL forbids INFO and CONFIG)
+    is reported as not run: the store itself works, the setting could not be seen."""
+    try:
+        return check(store)
+    except redis.exceptions.RedisError as exc:
+        return Finding(
+            Level.WARNING,
+            code,
+            f"{what} not checked: {classify(exc, client_secrets(store.client))}",
+            "run the doctor as a user that may read INFO and CONFIG GET "
+            "(idemtask.store.acl.acl_rules(doctor=True)), or check it on the server",
+        )
+
+
+def _eviction(store: RedisStore) -> Finding:
+    policy = _text(store.client.info("memory").get("maxmemory_policy", "unknown"))
     if policy == "noeviction":
         return Finding(Level.OK, "store.eviction", "maxmemory-policy is noeviction")
     return Finding(
@@ -61,7 +81,8 @@ def _eviction(policy: str) -> Finding:
     )
 
 
-def _persistence(store: RedisStore, aof: bool) -> Finding:
+def _persistence(store: RedisStore) -> Finding:
+    aof = str(store.client.info("persistence").get("aof_enabled", 0)) == "1"
     try:
         save = _text(store.client.config_get("save").get("save", ""))
     except Exception:  # managed services often forbid CONFIG

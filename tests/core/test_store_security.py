@@ -18,7 +18,10 @@ import pytest
 import redis
 import trustme
 
+from idemtask.config import Settings
+from idemtask.doctor import check_store
 from idemtask.errors import StoreUnavailable
+from idemtask.findings import Level
 from idemtask.store import RedisStore, Store
 from idemtask.store.acl import acl_rules
 
@@ -175,3 +178,30 @@ def test_the_password_never_reaches_the_cli_output(acl_server: RedisServer) -> N
     done = run_cli("--redis", wrong, "stats")
     assert done.returncode != 0
     assert f"not-{PASSWORD}" not in done.stdout + done.stderr
+
+
+def test_the_doctor_as_the_store_user_says_which_checks_it_could_not_run(
+    acl_server: RedisServer,
+) -> None:
+    """The store user may not run INFO or CONFIG GET: the store is reachable and works, and
+    the doctor says the eviction and persistence checks were not run, not that it failed."""
+    url = f"redis://idemtask:{PASSWORD}@{LOOPBACK}:{acl_server.port}/0"
+    findings = {f.code: f for f in check_store(Settings(redis_url=url))}
+    assert findings["store.reachable"].level is Level.OK, findings
+    for code in ("store.eviction", "store.persistence"):
+        assert findings[code].level is Level.WARNING, findings
+        assert "not checked" in findings[code].message and "NOPERM" in findings[code].message
+    assert PASSWORD not in " ".join(str(f) for f in findings.values())
+
+
+def test_the_doctor_checks_everything_with_the_doctor_rules(acl_server: RedisServer) -> None:
+    admin = acl_server.client()
+    admin.execute_command(
+        "ACL", "SETUSER", "doctor", "on", f">{PASSWORD}", *acl_rules(doctor=True).split()
+    )
+    admin.close()
+    url = f"redis://doctor:{PASSWORD}@{LOOPBACK}:{acl_server.port}/0"
+    findings = {f.code: f for f in check_store(Settings(redis_url=url))}
+    assert findings["store.reachable"].level is Level.OK, findings
+    assert "not checked" not in findings["store.eviction"].message, findings
+    assert "not checked" not in findings["store.persistence"].message, findings
