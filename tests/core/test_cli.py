@@ -125,6 +125,28 @@ def test_installed_entry_point_and_debug_traceback(redis_url: str) -> None:
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["inspect"], "Missing argument 'KEY' (see"),
+        (["stats", "--bogus"], "No such option '--bogus'"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+        (["doctor", "--fail-level", "info"], "Invalid value for '--fail-level'"),
+        (["--bogus", "stats"], "No such option '--bogus'"),
+    ],
+)
+def test_a_usage_error_is_one_error_line_too(args: list[str], says: str) -> None:
+    """click's own usage errors read like every other failure: one ``error:`` line naming
+    the problem and where the help is, exit status 2, nothing on stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "idemtask", *args], capture_output=True, text=True, timeout=60
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and done.stdout == "", done
+    assert len(lines) == 1 and lines[0].startswith(f"error: {says}"), done.stderr
+    assert "--help" in lines[0], done.stderr
+
+
 def _record(store: RedisStore, key: str) -> None:
     out = store.acquire(
         key,
