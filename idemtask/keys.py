@@ -412,6 +412,10 @@ def _join_path(root: str, segments: list[str]) -> str:
 
 #: What to do about a value that cannot be encoded, by what it was encoded for.
 KEY_HINT = "pass a JSON-like value or set idempotency_key"
+NAMED_HINT = (
+    "the idempotency_key names this argument: pass a JSON-like value, or key by a function "
+    "that returns one from it"
+)
 FINGERPRINT_HINT = (
     "validate_payload fingerprints every argument, also those the idempotency_key leaves "
     "out: pass a JSON-like value or set validate_payload=False"
@@ -699,7 +703,7 @@ def _spec_material(
                     "names it",
                     name,
                 ) from None
-        return canonical_bytes(subset, hint=KEY_HINT)
+        return canonical_bytes(subset, hint=NAMED_HINT)
     function_name = _callable_name(spec)
     try:
         value = spec(*args, **kwargs)

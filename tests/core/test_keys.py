@@ -650,6 +650,17 @@ def test_messages_say_the_path_once() -> None:
     assert str(info.value).count("idempotency_key") == 1
 
 
+def test_an_argument_the_key_names_that_cannot_be_encoded_hints_at_a_key_function() -> None:
+    """The key is set (it names the argument): the hint is not to set it, but what to do
+    with the value it names."""
+    with pytest.raises(KeyDerivationError) as info:
+        derive_key("t", {"order": object(), "amount": 1}, spec=("order",))
+    assert str(info.value) == (
+        "order: cannot encode value of type object; the idempotency_key names this argument: "
+        "pass a JSON-like value, or key by a function that returns one from it"
+    )
+
+
 def _amount_key(order_id: int, amount: object) -> object:
     return amount
 
