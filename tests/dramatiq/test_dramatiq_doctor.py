@@ -119,6 +119,33 @@ def test_missing_middleware_is_an_error() -> None:
     assert has_errors(findings)
 
 
+def test_a_broker_with_the_middleware_but_no_idempotent_actor_is_warned_about(
+    redis_url: str,
+) -> None:
+    broker = StubBroker()
+    broker.add_middleware(IdempotencyMiddleware(redis_url=redis_url), before=Retries)
+    try:
+
+        @dramatiq.actor(broker=broker)
+        def job(x: int) -> int:
+            return x
+
+        actors = [f for f in check_broker(broker) if f.code == "dramatiq.actors"]
+        assert [(f.level, f.message) for f in actors] == [
+            (Level.WARNING, "no actor is declared idempotent")
+        ]
+        assert "idempotent=True" in actors[0].fix
+
+        @dramatiq.actor(broker=broker, idempotent=True)
+        def guarded(x: int) -> int:
+            return x
+
+        actors = [f for f in check_broker(broker) if f.code == "dramatiq.actors"]
+        assert [(f.level, f.message) for f in actors] == [(Level.OK, "1 idempotent actor(s)")]
+    finally:
+        broker.close()
+
+
 def _plain_charge(order_id: int) -> int:
     return order_id
 
