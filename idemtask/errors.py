@@ -136,6 +136,20 @@ class StoreUnavailable(IdempotencyError):
     """
 
 
+class StepStoreUnavailable(StoreUnavailable):
+    """A step of the running attempt could be neither read nor recorded: the store failed for
+    longer than the lease. The body stops there; the guard keeps its message (as
+    ``on_store_error`` says) as it does for a completion the store never took."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(key, message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class StoreUnreachable(StoreUnavailable):
     """No usable answer from the store: connection refused or reset, a timeout, a cluster
     whose topology is in flux, or a server at ``redis_url`` that does not speak Redis."""

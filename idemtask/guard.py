@@ -30,6 +30,7 @@ from idemtask.errors import (
     LeaseLostError,
     PoisonMessageError,
     ResultTooLargeError,
+    StepStoreUnavailable,
     StoreUnavailable,
     TaskFailedError,
 )
@@ -495,6 +496,7 @@ class Guard:
                 codec or JsonCodec(),
                 attempt.policy.max_result_bytes,
                 functools.partial(self._with_store_retries, attempt),
+                fail_open=attempt.policy.on_store_error == "run",
             )
         token = context.activate(attempt.execution)
         try:
@@ -755,6 +757,9 @@ class Delivery:
                 self.finished = True  # resumed: handed over again, to the message's copy
                 raise
             except BaseException as exc:
+                if isinstance(exc, StepStoreUnavailable) and exc.key == self.call.key:
+                    self.finished = True  # the store is down: there is nothing to give back
+                    self._guard._unrecorded(decision, "step")
                 self.release(exc)
                 raise
         if self.finished:  # given back while the body ran: nothing more to record

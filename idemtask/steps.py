@@ -22,7 +22,7 @@ from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
 from idemtask import context
 from idemtask.codecs import Codec
-from idemtask.errors import IdempotencyError, LeaseLostError, StoreUnavailable
+from idemtask.errors import IdempotencyError, LeaseLostError, StepStoreUnavailable
 from idemtask.store.base import Held, Recorded, Stale, Store, assert_never
 
 __all__ = ["DuplicateStepError", "Step", "StepLog", "StepRun", "StepValueError", "step"]
@@ -75,7 +75,9 @@ class StepLog:
     Created by the guard for every guarded attempt; it costs nothing until the body's first
     step. That step reads the recorded steps in one round trip (skipped for token 1: no
     attempt before the first one could have recorded any); later steps are served from
-    memory, and each recorded step is one round trip.
+    memory, and each recorded step is one round trip. A store that fails past the lease
+    stops the body with ``StepStoreUnavailable`` (the guard keeps its message), or, failing
+    open (``on_store_error="run"``), lets the step run unrecorded.
     """
 
     __slots__ = (
@@ -85,6 +87,7 @@ class StepLog:
         "attempt_id",
         "codec",
         "execution",
+        "fail_open",
         "key",
         "max_bytes",
         "retry",
@@ -99,6 +102,8 @@ class StepLog:
         codec: Codec,
         max_bytes: int,
         retry: Retry,
+        *,
+        fail_open: bool = False,
     ) -> None:
         self.store = store
         self.execution = execution
@@ -108,6 +113,7 @@ class StepLog:
         self.codec = codec
         self.max_bytes = max_bytes
         self.retry = retry
+        self.fail_open = fail_open
         self._recorded: dict[str, bytes] | None = {} if self.token == 1 else None
         self._begun: set[str] = set()
         self._lock = threading.Lock()
@@ -139,8 +145,11 @@ class StepLog:
         )
         match answer:
             case None:
+                if self.fail_open:  # on_store_error="run": the step goes on unrecorded
+                    return self.codec.decode(data)
                 self.abandon(name)
-                raise StoreUnavailable(f"step {name!r} of key {self.key} could not be recorded")
+                what = f"step {name!r} of key {self.key} could not be recorded"
+                raise StepStoreUnavailable(self.key, what)
             case Stale():
                 self._lost()
             case Recorded():
@@ -161,7 +170,10 @@ class StepLog:
             )
             match answer:
                 case None:
-                    raise StoreUnavailable(f"the steps of key {self.key} could not be read")
+                    if self.fail_open:  # as if none were recorded: asked again next step
+                        return {}
+                    what = f"the steps of key {self.key} could not be read"
+                    raise StepStoreUnavailable(self.key, what)
                 case Stale():
                     self._lost()
                 case Held(steps=steps):

@@ -113,6 +113,6 @@ def sentinel_client(url: str, **options: Any) -> redis.Redis:
         options.setdefault("username", username)
     if password is not None:
         options.setdefault("password", password)
-    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **options)  # type: ignore[no-untyped-call]
-    primary: redis.Redis = sentinel.master_for(service, db=db)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs, **options)  # type: ignore[no-untyped-call, unused-ignore]
+    primary: redis.Redis = sentinel.master_for(service, db=db)  # type: ignore[no-untyped-call, unused-ignore]
     return primary

@@ -194,3 +194,40 @@ def test_a_terminal_failure_the_store_refuses_keeps_the_message_until_it_is_reco
     assert int(counter.get("runs:f1") or 0) == 2
     record = unrecorded_failure._guard().store.inspect(key)
     assert record is not None and record.state is State.FAILED
+
+
+def test_a_step_the_store_refuses_keeps_the_message_until_the_key_is_recorded(
+    make_app: Callable[..., Celery],
+    fresh_redis: Callable[..., RedisServer],
+    counter: redis.Redis,
+) -> None:
+    """The store starts refusing (OOM) inside the body and stays so longer than the lease, so
+    the body's step cannot be recorded. The step's ``StoreUnavailable`` must not fail the
+    task into Celery (acked as FAILURE, the record left ``running`` with no copy left to
+    finish it): the message is kept, runs again once the store recovers, and the key ends
+    ``done``."""
+    store = fresh_redis()
+    app = make_app(store_url=store.url, idemtask_conf={"lease": 1})
+
+    @app.task(shared=False, name="t.unrecorded_step")
+    def unrecorded_step(token: str) -> int:
+        runs = int(counter.incr(f"runs:{token}"))
+        if runs == 1:
+            _out_of_memory(store, full=True)
+        idemtask.step("charge", lambda: counter.incr(f"charges:{token}"))
+        return runs
+
+    key = unrecorded_step.idemtask_key(("s1",)).key
+    with running_worker(app, concurrency=1):
+        result = unrecorded_step.delay("s1")
+        wait_for(
+            lambda: decisions(counter, key).get("store_unavailable") or result.ready(),
+            20,
+            "a step refused by the store",
+        )
+        time.sleep(0.5)
+        _out_of_memory(store, full=False)
+        assert result.get(timeout=30) == 2
+    assert int(counter.get("runs:s1") or 0) == 2
+    record = unrecorded_step._guard().store.inspect(key)
+    assert record is not None and record.state is State.DONE

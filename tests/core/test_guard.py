@@ -459,6 +459,50 @@ def test_a_terminal_failure_the_store_never_takes_keeps_the_message(
     assert record is not None and record.state is State.RUNNING
 
 
+@pytest.mark.parametrize("on_store_error", ["defer", "raise", "run"])
+@pytest.mark.parametrize("at", ["record", "read"])
+def test_a_step_the_store_never_takes_keeps_the_message(
+    fresh_redis: Callable[..., RedisServer], on_store_error: str, at: str
+) -> None:
+    """The store goes down inside the body and stays down past the lease, so a step can be
+    neither recorded (``record``) nor, for an attempt that took the key over, read
+    (``read``). The body stops there, and its message must not be failed into the framework
+    as if the body had (it would be acked, the record left ``running`` with no copy left to
+    finish it): ``defer`` keeps it, ``raise`` fails it with ``StoreUnavailable``; ``run``
+    (fail open) runs the step unrecorded and the body goes on."""
+    server = fresh_redis(appendonly=True)
+    guard = Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+    c = call()
+    policy = FAST.with_options({"on_store_error": on_store_error}, source="t")
+    if at == "read":  # an earlier attempt whose lease ran out: this one takes the key over
+        first = guard.begin(policy, c, "t0")
+        assert isinstance(first, Attempt)
+        time.sleep(policy.lease + 0.1)
+    charges: list[str] = []
+
+    def body() -> str:
+        server.stop()
+        charged = idemtask.step("charge", lambda: charges.append("ch_1") or "ch_1")
+        return f"paid with {charged}"
+
+    try:
+        if on_store_error == "run":
+            assert guard.run(policy, c, "t1", body, CODEC) == "paid with ch_1"
+        elif on_store_error == "raise":
+            with pytest.raises(StoreUnavailable, match="step"):
+                guard.run(policy, c, "t1", body, CODEC)
+        else:
+            with pytest.raises(Deferred) as deferred:
+                guard.run(policy, c, "t1", body, CODEC)
+            assert deferred.value.delay > 0
+    finally:
+        server.start()
+    assert charges == (["ch_1"] if at == "record" or on_store_error == "run" else [])
+    record = guard.store.inspect(c.key)
+    assert record is not None and record.state is State.RUNNING
+    assert record.steps == {}
+
+
 def test_delivery_decides_once_and_records_once(guard: Guard) -> None:
     c = call()
     delivery = guard.delivery(FAST, c, "t1", CODEC)
