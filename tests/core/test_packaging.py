@@ -7,6 +7,7 @@ and checked with the tools a package index applies.
 from __future__ import annotations
 
 import email
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,17 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Not part of a release's source: version control, caches and earlier build output.
 LEFT_OUT = (".git", ".tox", ".venv", ".hypothesis", ".benchmarks", ".*_cache", "__pycache__")
 LEFT_OUT += ("*.egg-info", "build", "dist", "site")
+
+
+#: A Markdown link or image whose target is not an absolute URL.
+_RELATIVE_LINK = re.compile(r"\]\((?!https?://)[^)]*\)")
+_CODE_BLOCK = re.compile(r"^```[a-z]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
+#: The one example of the index page that the README has no need for.
+_DOCS_DOWNLOAD = "pip download idemtask --no-binary :all: --no-deps && tar xzf idemtask-*.tar.gz\n"
+
+
+def _code_blocks(markdown: str) -> set[str]:
+    return set(_CODE_BLOCK.findall(markdown))
 
 
 def _run(*command: str, cwd: Path) -> str:
@@ -64,6 +76,13 @@ def test_the_wheel_and_sdist_hold_the_library_its_license_and_valid_metadata(
     assert "idemtask/testing/launcher.py" in names
     assert "idemtask/testing/servers.py" not in names  # the suite's launchers stay in tests/
 
+    description = metadata.get_payload()
+    assert isinstance(description, str) and "## Quick start" in description
+    assert not _RELATIVE_LINK.findall(description), "a link that is dead on an index page"
+    assert _code_blocks(description) - _code_blocks((ROOT / "README.md").read_text()) == {
+        _DOCS_DOWNLOAD
+    }, "the index page's examples drifted from the README's"
+
     assert metadata["License-Expression"] == "MIT"
     assert not [c for c in metadata.get_all("Classifier", []) if c.startswith("License ::")]
     requires = metadata.get_all("Requires-Dist", [])
@@ -74,6 +93,9 @@ def test_the_wheel_and_sdist_hold_the_library_its_license_and_valid_metadata(
     assert all("extra ==" in r for r in rich), rich
 
     assert f"idemtask-{version}/LICENSE" in members
+    # the docs the package index page points to, and what builds them into a site
+    assert f"idemtask-{version}/docs/guarantees.md" in members
+    assert f"idemtask-{version}/mkdocs.yml" in members
     assert not [m for m in members if m.startswith(f"idemtask-{version}/benchmarks")]
 
     _run("twine", "check", "--strict", str(wheel), str(sdist), cwd=tmp_path)
