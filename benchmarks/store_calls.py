@@ -1,7 +1,10 @@
-"""Client CPU per store call: what this process spends on one EVALSHA, by call path.
+"""CPU per store call: what this process, and the store's server, spend on one EVALSHA.
 
-All against the store's own redis-server, in this process, CPU time only
-(``time.process_time``: the server's work is in another process and not counted):
+All against the store's own redis-server, which serves nothing else meanwhile. The client's
+CPU is this process's (``time.process_time``); the server's is read from ``/proc`` for the
+store's ``redis-server`` around the same calls (``benchmarks.cpu``). Their sum for the raw
+socket and the store's own scripts is the least a round trip costs the whole system, so
+three of them are the floor under a unique task's added CPU. The paths:
 
 * ``raw socket``: a pre-packed EVALSHA written to a plain socket, the reply read back as
   bytes (what any client must at least spend: the baseline);
@@ -26,6 +29,7 @@ from typing import Any
 import redis
 
 from benchmarks.common import Servers, median, rounds
+from benchmarks.cpu import process_seconds
 from idemtask.store import Acquired, Completed, RedisStore
 from idemtask.store.wire import ScriptCaller
 from idemtask.testing.launcher import LOOPBACK
@@ -83,12 +87,18 @@ def _store_task(store: RedisStore, run: str) -> Callable[[int], None]:
     return task
 
 
-def _cpu_per_call(call: Callable[[int], None], start: int, calls: int, per: int) -> float:
-    """µs of this process's CPU per store call (``per`` store calls per ``call``)."""
+def _cpu_per_call(
+    call: Callable[[int], None], start: int, calls: int, per: int, server_pid: int
+) -> tuple[float, float]:
+    """µs of this process's CPU, and of the server's, per store call (``per`` store calls
+    per ``call``)."""
+    server_began = process_seconds(server_pid)
     began = time.process_time()
     for n in range(start, start + calls):
         call(n)
-    return (time.process_time() - began) / (calls * per) * US
+    client = time.process_time() - began
+    server = process_seconds(server_pid) - server_began
+    return client / (calls * per) * US, server / (calls * per) * US
 
 
 def bench_store_calls(
@@ -110,6 +120,8 @@ def bench_store_calls(
     old = RedisStore.from_url(url, lean_calls=False, prefix="bench-old")
     lean = RedisStore.from_url(url, prefix="bench-lean")
     run = uuid.uuid4().hex[:12]
+    server_pid = servers.store.pid
+    assert server_pid is not None, "the store's server is not running"
     variants: dict[str, tuple[Callable[[int], None], int]] = {
         RAW: (lambda n: raw.call(), 1),
         REDIS_PY: (lambda n: script(keys=[key], args=[arg]), 1),
@@ -127,9 +139,16 @@ def bench_store_calls(
         for index, name in rounds(list(variants), round_count):
             progress.update(round=f"{index + 1}/{round_count}")
             call, per = variants[name]
-            cpu = _cpu_per_call(call, offset, calls, per)
+            cpu, server = _cpu_per_call(call, offset, calls, per, server_pid)
             offset += calls
-            runs.append({"round": index, "variant": name, "cpu_us_per_call": cpu})
+            runs.append(
+                {
+                    "round": index,
+                    "variant": name,
+                    "cpu_us_per_call": cpu,
+                    "server_cpu_us_per_call": server,
+                }
+            )
             progress.update(advance=1)
     finally:
         raw.close()
@@ -155,9 +174,21 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for name in dict.fromkeys(run["variant"] for run in runs):
         values = [r[name] for r in by_round.values() if name in r]
         ratios = [r[name] / r[RAW] for r in by_round.values() if name in r and RAW in r]
-        out[name] = {"cpu_us_per_call": median(values), "ratio_to_raw": median(ratios)}
+        server = [r["server_cpu_us_per_call"] for r in runs if r["variant"] == name]
+        out[name] = {
+            "cpu_us_per_call": median(values),
+            "ratio_to_raw": median(ratios),
+            "server_cpu_us_per_call": median(server),
+        }
     saved = [r[STORE_OLD] - r[STORE_LEAN] for r in by_round.values() if STORE_OLD in r]
     out["saved"] = {"cpu_us_per_call": median(saved), "cpu_us_per_unique_task": 3 * median(saved)}
+    raw, lean = out[RAW], out[STORE_LEAN]
+    out["floor"] = {
+        # a raw socket's client CPU with the store's scripts on the server: no client spends less
+        "cpu_us_per_call": raw["cpu_us_per_call"] + lean["server_cpu_us_per_call"],
+        "cpu_us_per_unique_task": 3 * (raw["cpu_us_per_call"] + lean["server_cpu_us_per_call"]),
+        "lean_us_per_unique_task": 3 * (lean["cpu_us_per_call"] + lean["server_cpu_us_per_call"]),
+    }
     return out
 
 
@@ -169,17 +200,27 @@ def summary_lines(results: dict[str, Any] | None) -> list[tuple[str, str]]:
     lines = [
         (
             f"client CPU per EVALSHA, {name} (µs; {results['parser']}, median of "
-            f"{results['rounds']} rounds; ×raw socket in-round)",
+            f"{results['rounds']} rounds; ×raw socket in-round; store server "
+            f"{values['server_cpu_us_per_call']:.1f})",
             f"{values['cpu_us_per_call']:.1f} (×{values['ratio_to_raw']:.2f})",
         )
         for name, values in summary.items()
-        if name != "saved"
+        if name not in ("saved", "floor")
     ]
     saved = summary["saved"]
     lines.append(
         (
             "client CPU saved by the lean path (µs per call; per unique task, 3 calls)",
             f"{saved['cpu_us_per_call']:.1f} ({saved['cpu_us_per_unique_task']:.0f})",
+        )
+    )
+    floor = summary["floor"]
+    lines.append(
+        (
+            "whole-system CPU floor per unique task: 3 round trips, raw-socket client + the "
+            "store's scripts on the server (µs; through the store's own path "
+            f"{floor['lean_us_per_unique_task']:.0f})",
+            f"{floor['cpu_us_per_unique_task']:.0f}",
         )
     )
     return lines

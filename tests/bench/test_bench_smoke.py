@@ -117,7 +117,11 @@ def test_every_section_runs_and_the_command_counts_hold(
     assert steps["one step"]["sent"] == {"evalsha": 3 * TINY.step_calls}
 
     # The store-call section measured every call path and the saving.
-    assert set(results["storecalls"]["summary"]) >= {"raw socket", "saved"}
+    summary = results["storecalls"]["summary"]
+    assert set(summary) >= {"raw socket", "saved", "floor"}
+    # the server's share is read from /proc: its scripts ran, so it spent some CPU on them
+    assert summary["RedisStore acquire+complete, lean path"]["server_cpu_us_per_call"] > 0
+    assert summary["floor"]["cpu_us_per_unique_task"] > 0
 
     memory = results["memory"]
     assert memory["bulk_sample_memory_usage"] == [memory["memory_usage_one_record"]]
