@@ -37,7 +37,14 @@ class Tally:
     stale: list[str] = field(default_factory=list)  # complete said STALE (acquire lost)
     unavailable_at: list[float] = field(default_factory=list)  # monotonic times
     complete_ms: list[float] = field(default_factory=list)
+    slowest_s: float = 0.0  # the longest acquire or complete that answered
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def noticed(self, failover_s: float) -> bool:
+        """Whether the fault reached these workers: a call raised ``StoreUnavailable``, or
+        one answered only once the failover was over (a client that retries through it,
+        as redis-py 8.2's cluster client does)."""
+        return sum(self.unavailable.values()) > 0 or self.slowest_s >= failover_s / 2
 
     def outage(self) -> float:
         """Seconds between the first and last StoreUnavailable (0 if none)."""
@@ -54,6 +61,7 @@ def worker(store: RedisStore, tally: Tally, stop: threading.Event, tag: str) -> 
     """acquire -> complete on fresh keys until ``stop``; records every answer."""
     while not stop.is_set():
         key = f"{tag}-{uuid.uuid4().hex}"
+        began = time.perf_counter()
         try:
             out = store.acquire(key, task_id="t", attempt_id="a", **ACQUIRE)
         except StoreUnavailable:
@@ -65,7 +73,7 @@ def worker(store: RedisStore, tally: Tally, stop: threading.Event, tag: str) -> 
         if out.status is not Status.ACQUIRED or out.token != 1:
             _unexpected(tally, f"acquire on a fresh key answered {out}")
             continue
-        _ok(tally, "acquire")
+        _ok(tally, "acquire", time.perf_counter() - began)
         began = time.perf_counter()
         try:
             done = store.complete(
@@ -81,6 +89,7 @@ def worker(store: RedisStore, tally: Tally, stop: threading.Event, tag: str) -> 
         with tally.lock:
             tally.ok["complete"] += 1
             tally.complete_ms.append(elapsed_ms)
+            tally.slowest_s = max(tally.slowest_s, elapsed_ms / 1000)
             if done.status is Status.COMPLETED:
                 tally.completed.append(key)
             elif done.status is Status.STALE and done.state is None:
@@ -89,9 +98,10 @@ def worker(store: RedisStore, tally: Tally, stop: threading.Event, tag: str) -> 
                 tally.unexpected.append(f"complete answered {done}")
 
 
-def _ok(tally: Tally, op: str) -> None:
+def _ok(tally: Tally, op: str, seconds: float) -> None:
     with tally.lock:
         tally.ok[op] += 1
+        tally.slowest_s = max(tally.slowest_s, seconds)
 
 
 def _unavailable(tally: Tally, op: str) -> None:
