@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from servers import LOOPBACK, RedisServer, free_port
+from servers import LOOPBACK, RedisServer, free_ports
 
 
 def valkey_binary() -> str:
@@ -70,13 +70,16 @@ class LocalCluster:
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
         self.nodes: list[RedisServer] = []
-        for _ in range(primaries * (1 + replicas)):
+        count = primaries * (1 + replicas)
+        # Every node's port and bus port at once, so no two of them can be the same port.
+        ports = free_ports(2 * count)
+        for port, bus in zip(ports[::2], ports[1::2], strict=True):
             options = {
                 "cluster-enabled": "yes",
                 "cluster-config-file": "nodes.conf",
                 "cluster-node-timeout": str(node_timeout_ms),
                 # The bus port defaults to port + 10000, which may be taken or out of range.
-                "cluster-port": str(free_port()),
+                "cluster-port": str(bus),
                 # A replica always stands for election, however long its link was down.
                 "cluster-replica-validity-factor": "0",
                 # Slots of a dead shard without replicas stay served by the other shards'
@@ -85,7 +88,7 @@ class LocalCluster:
                 "repl-diskless-sync-delay": "0",  # replicas sync at once, not after 5 s
                 **(config or {}),
             }
-            self.nodes.append(RedisServer(binary=binary, config=options))
+            self.nodes.append(RedisServer(binary=binary, config=options, port=port))
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -275,8 +278,9 @@ class SentinelServer(RedisServer):
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
         binary: str = "redis-server",
+        port: int | None = None,
     ) -> None:
-        super().__init__(binary=binary)
+        super().__init__(binary=binary, port=port)
         conf = [
             f"port {self.port}",
             f"bind {LOOPBACK}",
@@ -313,11 +317,15 @@ class LocalSentinel:
         self.service = service
         self.binary = binary
         fast_sync = {"repl-diskless-sync-delay": "0"}
-        self.primary = RedisServer(binary=binary, config=fast_sync)
+        # Every server's port at once: picked one by one, before any of them listens, two
+        # could be given the same one.
+        ports = iter(free_ports(1 + replicas + sentinels))
+        self.primary = RedisServer(binary=binary, config=fast_sync, port=next(ports))
         self.replicas = [
             RedisServer(
                 binary=binary,
                 config={"replicaof": f"{LOOPBACK} {self.primary.port}", **fast_sync},
+                port=next(ports),
             )
             for _ in range(replicas)
         ]
@@ -329,6 +337,7 @@ class LocalSentinel:
                 down_after_ms=down_after_ms,
                 failover_timeout_ms=failover_timeout_ms,
                 binary=binary,
+                port=next(ports),
             )
             for _ in range(sentinels)
         ]

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,8 +51,15 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+#: Ports this process already handed out: a server is often made (its port picked) well
+#: before it listens, so "free a moment ago" alone could give two servers one port.
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports that were free a moment ago.
+    """``count`` distinct loopback ports that were free a moment ago, and never handed out
+    before by this process.
 
     They are taken below the kernel's ephemeral range where it is known: the kernel never
     hands those out to a ``connect`` or a ``bind`` to port 0, so while a server is down for a
@@ -61,11 +69,15 @@ def free_ports(count: int) -> list[int]:
     if span is not None and span[0] > 2048:
         low, high = max(1024, span[0] - 10_000), span[0] - 1
         ports: list[int] = []
-        for port in random.sample(range(low, high + 1), high - low + 1):
-            if port_is_free(port):
-                ports.append(port)
-                if len(ports) == count:
-                    return ports
+        with _handed_out_lock:
+            if len(_handed_out) > (high - low) // 2:
+                _handed_out.clear()  # a long session: the oldest servers are long gone
+            for port in random.sample(range(low, high + 1), high - low + 1):
+                if port not in _handed_out and port_is_free(port):
+                    ports.append(port)
+                    if len(ports) == count:
+                        _handed_out.update(ports)
+                        return ports
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -262,7 +274,8 @@ class RedisServer(ServerProcess):
     By default nothing is persisted (``--save "" --appendonly no``). With
     ``appendonly=True`` every write is fsynced to the append-only file before the reply
     (``appendfsync`` ``always`` unless told otherwise), so the data survives ``restart()``
-    and even ``kill()``. ``config`` adds further ``redis-server --name value`` settings.
+    and even ``kill()``. ``config`` adds further ``redis-server --name value`` settings;
+    ``port`` is one picked by the caller (``free_ports`` for several at once, all distinct).
     """
 
     name = "redis-server"
@@ -275,9 +288,10 @@ class RedisServer(ServerProcess):
         appendfsync: str = "always",
         config: Mapping[str, str] | None = None,
         binary: str = "redis-server",
+        port: int | None = None,
     ) -> None:
         self.binary = find_binary(binary)
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.config = dict(config or {})
@@ -288,7 +302,8 @@ class RedisServer(ServerProcess):
         return f"redis://{LOOPBACK}:{self.port}/0"
 
     def ports(self) -> list[int]:
-        return [self.port]
+        bus = self.config.get("cluster-port")  # a cluster node's second listener
+        return [self.port] if bus is None else [self.port, int(bus)]
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A new client (bytes replies); close it when done."""

@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from servers import RabbitMQServer, RedisServer, free_ports
+from servers import RabbitMQServer, RedisServer, free_port, free_ports
 
 
 def test_free_ports_are_distinct() -> None:
@@ -257,3 +257,11 @@ def test_rabbitmq_consumer_timeout_is_configured() -> None:
         environment = server.ctl("environment")
         assert environment.returncode == 0, environment.stderr
         assert "{consumer_timeout,12345}" in environment.stdout
+
+
+def test_free_ports_never_hands_out_a_port_twice() -> None:
+    """Servers are made (their ports picked) before any of them listens: picked only as
+    "free a moment ago", two nodes of one cluster could be given the same port."""
+    picked = [free_port() for _ in range(400)]
+    picked += free_ports(100)
+    assert len(set(picked)) == len(picked)
