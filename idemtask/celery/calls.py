@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, NoReturn
 
 from celery import Task, states
 from celery.exceptions import Ignore, Reject
 from celery.result import AsyncResult, EagerResult
+from celery.utils.time import maybe_iso8601
 from kombu import serialization
 
 from idemtask.celery.config import codec_for
@@ -85,13 +86,23 @@ def passes_through(link: Any, link_error: Any, options: Mapping[str, Any]) -> bo
 
 
 def delay_of(options: Mapping[str, Any]) -> float:
-    """Seconds a ``countdown`` or ``eta`` holds the message back: its reservation lasts longer."""
+    """Seconds a ``countdown`` or ``eta`` holds the message back: its reservation lasts longer.
+
+    An ``eta`` is read as Celery reads it: a datetime or an ISO 8601 string, naive meaning
+    UTC (not the machine's local time)."""
     countdown = options.get("countdown")
     if countdown:
         return max(0.0, float(countdown))
     eta = options.get("eta")
+    if isinstance(eta, str):
+        try:
+            eta = maybe_iso8601(eta)  # the parser Celery's worker reads an eta with
+        except ValueError:
+            return 0.0
     if isinstance(eta, datetime):
-        return max(0.0, (eta - datetime.now(eta.tzinfo)).total_seconds())
+        if eta.tzinfo is None:
+            eta = eta.replace(tzinfo=timezone.utc)
+        return max(0.0, (eta - datetime.now(timezone.utc)).total_seconds())
     return 0.0
 
 

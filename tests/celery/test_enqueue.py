@@ -3,8 +3,10 @@ the message, nothing is published for a call whose key cannot be derived."""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -231,3 +233,39 @@ def test_a_countdown_extends_the_reservation(make_app: Callable[..., Celery], ur
     time.sleep(1.3)  # past reservation_ttl
     assert record.apply_async(("later",), countdown=30).id == held.id
     assert record.apply_async(("now",)).id != plain.id  # its reservation ran out
+
+
+@pytest.fixture
+def far_from_utc() -> Iterator[None]:
+    """The process's local time zone nine hours ahead of UTC, as on a machine in Tokyo."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "Asia/Tokyo"
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+@pytest.mark.parametrize("form", ["aware", "naive", "iso string"])
+def test_an_eta_in_any_form_celery_takes_extends_the_reservation(
+    make_app: Callable[..., Celery], far_from_utc: None, form: str
+) -> None:
+    """Celery takes an ``eta`` as an aware datetime, a naive one (read as UTC) or an ISO 8601
+    string, whatever the machine's local time zone: each holds the message back as long,
+    so each keeps the key reserved past reservation_ttl, as a countdown does."""
+    app = make_app(idemtask_conf={"reservation_ttl": 1})
+    record = app.tasks["t.record"]
+    due = datetime.now(timezone.utc) + timedelta(seconds=30)
+    eta: datetime | str = {
+        "aware": due,
+        "naive": due.replace(tzinfo=None),
+        "iso string": due.isoformat(),
+    }[form]
+    held = record.apply_async((f"eta-{form}",), eta=eta)
+    time.sleep(1.3)  # past reservation_ttl
+    assert record.apply_async((f"eta-{form}",), eta=eta).id == held.id
