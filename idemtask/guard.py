@@ -759,7 +759,9 @@ class Delivery:
             except BaseException as exc:
                 if isinstance(exc, StepStoreUnavailable) and exc.key == self.call.key:
                     self.finished = True  # the store is down: there is nothing to give back
-                    self._guard._unrecorded(decision, "step")
+                    if self.policy.on_store_error == "defer":
+                        self._guard._unrecorded(decision, "step")
+                    raise  # "raise": the step's own error says which step, read or record
                 self.release(exc)
                 raise
         if self.finished:  # given back while the body ran: nothing more to record
