@@ -213,7 +213,11 @@ class LocalCluster:
             node.close()
 
     def __enter__(self) -> LocalCluster:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # the servers that did start would outlive the test
+            raise
 
     def __exit__(
         self,
@@ -411,7 +415,11 @@ class LocalSentinel:
             server.close()
 
     def __enter__(self) -> LocalSentinel:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # the servers that did start would outlive the test
+            raise
 
     def __exit__(
         self,

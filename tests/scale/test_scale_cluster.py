@@ -276,3 +276,22 @@ def test_a_zero_wait_timeout_is_refused() -> None:
     """WAIT n 0 blocks until the replicas answer: never what a task completion wants."""
     with pytest.raises(ValueError, match="wait_timeout_ms >= 1"):
         RedisStore(redis.Redis(), wait_replicas=1, wait_timeout_ms=0)
+
+
+@pytest.mark.parametrize("deployment", ["cluster", "sentinel"])
+def test_a_deployment_that_fails_to_start_leaves_no_server_running(deployment: str) -> None:
+    """One server of the deployment cannot start: the ones that did are stopped, not left
+    running past the test (and past the suite, holding their ports)."""
+    made: LocalCluster | LocalSentinel
+    if deployment == "cluster":
+        made = LocalCluster(primaries=3, replicas=0)
+        made.nodes[-1].config["no-such-option"] = "yes"  # redis-server refuses to start
+        everyone = made.nodes
+    else:
+        made = LocalSentinel()
+        with made.sentinels[-1].conf.open("a") as conf:
+            conf.write("no-such-option yes\n")
+        everyone = [*made.data_nodes, *made.sentinels]
+    with pytest.raises(RuntimeError, match="exited"), made:
+        pass
+    assert [server.port for server in everyone if server.running] == []
