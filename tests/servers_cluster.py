@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from servers import LOOPBACK, RedisServer, free_ports
+from servers import LOOPBACK, RedisServer, free_port
 
 
 def valkey_binary() -> str:
@@ -70,16 +70,13 @@ class LocalCluster:
         self.replicas = replicas
         self.node_timeout_ms = node_timeout_ms
         self.nodes: list[RedisServer] = []
-        count = primaries * (1 + replicas)
-        # Every node's port and bus port at once, so no two of them can be the same port.
-        ports = free_ports(2 * count)
-        for port, bus in zip(ports[::2], ports[1::2], strict=True):
+        for _ in range(primaries * (1 + replicas)):
             options = {
                 "cluster-enabled": "yes",
                 "cluster-config-file": "nodes.conf",
                 "cluster-node-timeout": str(node_timeout_ms),
                 # The bus port defaults to port + 10000, which may be taken or out of range.
-                "cluster-port": str(bus),
+                "cluster-port": str(free_port()),
                 # A replica always stands for election, however long its link was down.
                 "cluster-replica-validity-factor": "0",
                 # Slots of a dead shard without replicas stay served by the other shards'
@@ -88,7 +85,7 @@ class LocalCluster:
                 "repl-diskless-sync-delay": "0",  # replicas sync at once, not after 5 s
                 **(config or {}),
             }
-            self.nodes.append(RedisServer(binary=binary, config=options, port=port))
+            self.nodes.append(RedisServer(binary=binary, config=options))
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -282,9 +279,8 @@ class SentinelServer(RedisServer):
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
         binary: str = "redis-server",
-        port: int | None = None,
     ) -> None:
-        super().__init__(binary=binary, port=port)
+        super().__init__(binary=binary)
         conf = [
             f"port {self.port}",
             f"bind {LOOPBACK}",
@@ -321,15 +317,11 @@ class LocalSentinel:
         self.service = service
         self.binary = binary
         fast_sync = {"repl-diskless-sync-delay": "0"}
-        # Every server's port at once: picked one by one, before any of them listens, two
-        # could be given the same one.
-        ports = iter(free_ports(1 + replicas + sentinels))
-        self.primary = RedisServer(binary=binary, config=fast_sync, port=next(ports))
+        self.primary = RedisServer(binary=binary, config=fast_sync)
         self.replicas = [
             RedisServer(
                 binary=binary,
                 config={"replicaof": f"{LOOPBACK} {self.primary.port}", **fast_sync},
-                port=next(ports),
             )
             for _ in range(replicas)
         ]
@@ -341,7 +333,6 @@ class LocalSentinel:
                 down_after_ms=down_after_ms,
                 failover_timeout_ms=failover_timeout_ms,
                 binary=binary,
-                port=next(ports),
             )
             for _ in range(sentinels)
         ]

@@ -65,26 +65,42 @@ def free_ports(count: int) -> list[int]:
     hands those out to a ``connect`` or a ``bind`` to port 0, so while a server is down for a
     restart no other process (nor a client reconnecting to it) is given its port.
     """
+    with _handed_out_lock:
+        ports = _below_ephemeral(count) or _from_kernel(count)
+        _handed_out.update(ports)
+        return ports
+
+
+def _below_ephemeral(count: int) -> list[int]:
+    """Free ports below the ephemeral range; empty when that range is unknown or too low."""
     span = _ephemeral_range()
-    if span is not None and span[0] > 2048:
-        low, high = max(1024, span[0] - 10_000), span[0] - 1
-        ports: list[int] = []
-        with _handed_out_lock:
-            if len(_handed_out) > (high - low) // 2:
-                _handed_out.clear()  # a long session: the oldest servers are long gone
-            for port in random.sample(range(low, high + 1), high - low + 1):
-                if port not in _handed_out and port_is_free(port):
-                    ports.append(port)
-                    if len(ports) == count:
-                        _handed_out.update(ports)
-                        return ports
+    if span is None or span[0] <= 2048:
+        return []
+    low, high = max(1024, span[0] - 10_000), span[0] - 1
+    if len(_handed_out) > (high - low) // 2:
+        _handed_out.clear()  # a long session: the oldest servers are long gone
+    ports: list[int] = []
+    for port in random.sample(range(low, high + 1), high - low + 1):
+        if port not in _handed_out and port_is_free(port):
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    return []
+
+
+def _from_kernel(count: int) -> list[int]:
+    """Ports the kernel gives a bind to port 0, all held at once so that they differ."""
     sockets: list[socket.socket] = []
+    ports: list[int] = []
     try:
-        for _ in range(count):
+        while len(ports) < count:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind((LOOPBACK, 0))
             sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+            port = sock.getsockname()[1]
+            if port not in _handed_out:
+                ports.append(port)
+        return ports
     finally:
         for sock in sockets:
             sock.close()
@@ -274,8 +290,7 @@ class RedisServer(ServerProcess):
     By default nothing is persisted (``--save "" --appendonly no``). With
     ``appendonly=True`` every write is fsynced to the append-only file before the reply
     (``appendfsync`` ``always`` unless told otherwise), so the data survives ``restart()``
-    and even ``kill()``. ``config`` adds further ``redis-server --name value`` settings;
-    ``port`` is one picked by the caller (``free_ports`` for several at once, all distinct).
+    and even ``kill()``. ``config`` adds further ``redis-server --name value`` settings.
     """
 
     name = "redis-server"
@@ -288,10 +303,9 @@ class RedisServer(ServerProcess):
         appendfsync: str = "always",
         config: Mapping[str, str] | None = None,
         binary: str = "redis-server",
-        port: int | None = None,
     ) -> None:
         self.binary = find_binary(binary)
-        self.port = port if port is not None else free_port()
+        self.port = free_port()
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.config = dict(config or {})

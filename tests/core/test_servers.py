@@ -14,6 +14,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from idemtask.testing import launcher
+
 from servers import RabbitMQServer, RedisServer, free_port, free_ports
 
 
@@ -259,9 +261,15 @@ def test_rabbitmq_consumer_timeout_is_configured() -> None:
         assert "{consumer_timeout,12345}" in environment.stdout
 
 
-def test_free_ports_never_hands_out_a_port_twice() -> None:
+@pytest.mark.parametrize("where", ["below the ephemeral range", "from the kernel"])
+def test_free_ports_never_hands_out_a_port_twice(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Servers are made (their ports picked) before any of them listens: picked only as
-    "free a moment ago", two nodes of one cluster could be given the same port."""
+    "free a moment ago", two nodes of one cluster could be given the same port. It holds on
+    both ways a port is found, the second for a machine whose ephemeral range is unknown."""
+    if where == "from the kernel":
+        monkeypatch.setattr(launcher, "_ephemeral_range", lambda: None)
     picked = [free_port() for _ in range(400)]
     picked += free_ports(100)
     assert len(set(picked)) == len(picked)
