@@ -547,15 +547,20 @@ class Guard:
             case _:
                 assert_never(answer)
 
-    def _unrecorded(self, attempt: Attempt, outcome: str) -> None:
-        """The key's outcome (its completion, a terminal failure) never landed: the record
-        still says ``running``. Answering now would let the framework ack the only message
-        that can still record the key, so it is kept (deferred; it runs again once the
-        lease ends) or failed, as ``on_store_error`` says; ``run`` (fail open) returns."""
+    def _unrecorded(
+        self, attempt: Attempt, outcome: str, error: StoreUnavailable | None = None
+    ) -> None:
+        """The key's outcome (its completion, a terminal failure, a step) never landed: the
+        record still says ``running``. Answering now would let the framework ack the only
+        message that can still record the key, so it is kept (deferred; it runs again once
+        the lease ends) or failed with ``error`` (the store's own, where there is one), as
+        ``on_store_error`` says; ``run`` (fail open) returns."""
         call, choice = attempt.call, attempt.policy.on_store_error
         if choice == "run":
             return
         if choice == "raise":
+            if error is not None:
+                raise error
             raise StoreUnavailable(f"the {outcome} of key {call.key} could not be recorded")
         emit(
             Decision.DEFERRED,
@@ -759,9 +764,7 @@ class Delivery:
             except BaseException as exc:
                 if isinstance(exc, StepStoreUnavailable) and exc.key == self.call.key:
                     self.finished = True  # the store is down: there is nothing to give back
-                    if self.policy.on_store_error == "defer":
-                        self._guard._unrecorded(decision, "step")
-                    raise  # "raise": the step's own error says which step, read or record
+                    self._guard._unrecorded(decision, "step", exc)
                 self.release(exc)
                 raise
         if self.finished:  # given back while the body ran: nothing more to record
