@@ -127,15 +127,18 @@ def test_a_body_whose_lease_cannot_be_renewed_sees_lease_lost(
         result.get(timeout=30, propagate=False)
 
 
-def test_a_completion_the_store_refuses_keeps_the_message_until_it_is_recorded(
+@pytest.mark.parametrize("refused", ["completion", "step"])
+def test_a_completion_or_step_the_store_refuses_keeps_the_message_until_it_is_recorded(
     make_app: Callable[..., Celery],
     fresh_redis: Callable[..., RedisServer],
     counter: redis.Redis,
+    refused: str,
 ) -> None:
-    """The store starts refusing (OOM) after the body ran and stays so longer than the lease:
-    the completion never lands. The message must not be acked as SUCCESS with its record
-    left ``running`` (no copy would be left to record the key): it is kept, runs again once
-    the store recovers, and the key ends ``done``."""
+    """The store starts refusing (OOM) inside the body (``step``: before its step can be
+    recorded) or as it ends (``completion``), and stays so longer than the lease. The
+    message must not be acked with its record left ``running`` (as SUCCESS, or as FAILURE
+    with the step's ``StoreUnavailable``: no copy would be left to record the key): it is
+    kept, runs again once the store recovers, and the key ends ``done``."""
     store = fresh_redis()
     app = make_app(store_url=store.url, idemtask_conf={"lease": 1})
 
@@ -144,6 +147,8 @@ def test_a_completion_the_store_refuses_keeps_the_message_until_it_is_recorded(
         runs = int(counter.incr(f"runs:{token}"))
         if runs == 1:
             _out_of_memory(store, full=True)
+        if refused == "step":
+            idemtask.step("charge", lambda: counter.incr(f"charges:{token}"))
         return runs
 
     key = unrecorded.idemtask_key(("u1",)).key
@@ -152,7 +157,7 @@ def test_a_completion_the_store_refuses_keeps_the_message_until_it_is_recorded(
         wait_for(
             lambda: decisions(counter, key).get("store_unavailable") or result.ready(),
             20,
-            "a completion refused by the store",
+            f"a {refused} refused by the store",
         )
         time.sleep(0.5)
         _out_of_memory(store, full=False)
@@ -194,40 +199,3 @@ def test_a_terminal_failure_the_store_refuses_keeps_the_message_until_it_is_reco
     assert int(counter.get("runs:f1") or 0) == 2
     record = unrecorded_failure._guard().store.inspect(key)
     assert record is not None and record.state is State.FAILED
-
-
-def test_a_step_the_store_refuses_keeps_the_message_until_the_key_is_recorded(
-    make_app: Callable[..., Celery],
-    fresh_redis: Callable[..., RedisServer],
-    counter: redis.Redis,
-) -> None:
-    """The store starts refusing (OOM) inside the body and stays so longer than the lease, so
-    the body's step cannot be recorded. The step's ``StoreUnavailable`` must not fail the
-    task into Celery (acked as FAILURE, the record left ``running`` with no copy left to
-    finish it): the message is kept, runs again once the store recovers, and the key ends
-    ``done``."""
-    store = fresh_redis()
-    app = make_app(store_url=store.url, idemtask_conf={"lease": 1})
-
-    @app.task(shared=False, name="t.unrecorded_step")
-    def unrecorded_step(token: str) -> int:
-        runs = int(counter.incr(f"runs:{token}"))
-        if runs == 1:
-            _out_of_memory(store, full=True)
-        idemtask.step("charge", lambda: counter.incr(f"charges:{token}"))
-        return runs
-
-    key = unrecorded_step.idemtask_key(("s1",)).key
-    with running_worker(app, concurrency=1):
-        result = unrecorded_step.delay("s1")
-        wait_for(
-            lambda: decisions(counter, key).get("store_unavailable") or result.ready(),
-            20,
-            "a step refused by the store",
-        )
-        time.sleep(0.5)
-        _out_of_memory(store, full=False)
-        assert result.get(timeout=30) == 2
-    assert int(counter.get("runs:s1") or 0) == 2
-    record = unrecorded_step._guard().store.inspect(key)
-    assert record is not None and record.state is State.DONE

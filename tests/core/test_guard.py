@@ -360,9 +360,14 @@ def test_a_completion_recorded_without_a_result_is_not_replayed_as_none(guard: G
         guard.run(FAST, c, "t2", lambda: pytest.fail("a done key must not run again"), CODEC)
 
 
+def _guard_on(server: RedisServer) -> Guard:
+    """A guard whose store gives up on a stopped server within a second."""
+    return Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+
+
 def test_store_outage_policies(fresh_redis: Callable[..., RedisServer]) -> None:
     server = fresh_redis()
-    guard = Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+    guard = _guard_on(server)
     server.stop()
     c = call()
     with pytest.raises(Deferred) as deferred:
@@ -385,7 +390,7 @@ def test_completion_survives_a_short_store_outage(
     fresh_redis: Callable[..., RedisServer],
 ) -> None:
     server = fresh_redis(appendonly=True)
-    guard = Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+    guard = _guard_on(server)
     c = call()
     policy = FAST.with_options({"lease": 10}, source="t")
 
@@ -408,7 +413,7 @@ def test_a_completion_the_store_never_takes_keeps_the_message(
     ``running`` with no copy left to finish it). ``defer`` keeps the message, ``raise``
     fails it into the framework; only ``run`` (fail open) hands back the value."""
     server = fresh_redis(appendonly=True)
-    guard = Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+    guard = _guard_on(server)
     c = call()
     policy = FAST.with_options({"on_store_error": on_store_error}, source="t")
 
@@ -440,7 +445,7 @@ def test_a_terminal_failure_the_store_never_takes_keeps_the_message(
     answer yet (a later call would run the body and might answer otherwise), so the message
     is kept; only ``run`` lets the body's own error through."""
     server = fresh_redis(appendonly=True)
-    guard = Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+    guard = _guard_on(server)
     c = call()
     options = {"on_store_error": on_store_error, "terminal_exceptions": (LookupError,)}
     policy = FAST.with_options(options, source="t")
@@ -471,7 +476,7 @@ def test_a_step_the_store_never_takes_keeps_the_message(
     finish it): ``defer`` keeps it, ``raise`` fails it with ``StoreUnavailable``; ``run``
     (fail open) runs the step unrecorded and the body goes on."""
     server = fresh_redis(appendonly=True)
-    guard = Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
+    guard = _guard_on(server)
     c = call()
     policy = FAST.with_options({"on_store_error": on_store_error}, source="t")
     if at == "read":  # an earlier attempt whose lease ran out: this one takes the key over

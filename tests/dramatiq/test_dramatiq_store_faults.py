@@ -147,13 +147,16 @@ def test_out_of_memory_at_enqueue_raises_and_publishes_nothing_when_told(
     assert setup.queued() == 0
 
 
-def test_a_completion_the_store_refuses_keeps_the_message_until_it_is_recorded(
-    env: Callable[..., Env], fresh_redis: Callable[..., RedisServer], decisions: Any
+@pytest.mark.parametrize("refused", ["completion", "step"])
+def test_a_completion_or_step_the_store_refuses_keeps_the_message_until_it_is_recorded(
+    env: Callable[..., Env], fresh_redis: Callable[..., RedisServer], decisions: Any, refused: str
 ) -> None:
-    """The store refuses (OOM) from the end of the body for longer than the lease, so the
-    completion never lands. The message must not be acked with its record left ``running``:
-    it is set aside (no retry spent, nothing dead-lettered), runs again once the store
-    recovers, and the key ends ``done``."""
+    """The store refuses (OOM) from inside the body (``step``: before its step can be
+    recorded) or from its end (``completion``) for longer than the lease, so the key's
+    outcome never lands. The message must not be acked with its record left ``running``, nor
+    failed with the step's ``StoreUnavailable`` (retried away, or dead-lettered with no
+    retry left): it is set aside (no retry spent, nothing dead-lettered), runs again once
+    the store recovers, and the key ends ``done``."""
     store = fresh_redis()
     setup = env(store.url, lease=1)
     runs = f"{setup.namespace}:runs"
@@ -163,6 +166,8 @@ def test_a_completion_the_store_refuses_keeps_the_message_until_it_is_recorded(
         count = int(setup.counters.incr(runs))
         if count == 1:
             _out_of_memory(store, full=True)
+        if refused == "step":
+            idemtask.step("charge", lambda: n)
         return count
 
     message = unrecorded.send(3)
@@ -172,7 +177,7 @@ def test_a_completion_the_store_refuses_keeps_the_message_until_it_is_recorded(
         wait_for(
             lambda: decisions.count("store_unavailable") > 0 or setup.dead_letters() > 0,
             20,
-            "a completion refused by the store",
+            f"a {refused} refused by the store",
         )
         time.sleep(0.5)
         _out_of_memory(store, full=False)
@@ -248,48 +253,5 @@ def test_a_terminal_failure_the_store_refuses_keeps_the_message_until_it_is_reco
         key = middleware.derive("unrecorded_failure", (4,), {}).key
         record = middleware.guard.store.inspect(key)
         assert record is not None and record.state is State.FAILED
-    finally:
-        worker.stop()
-
-
-def test_a_step_the_store_refuses_keeps_the_message_until_the_key_is_recorded(
-    env: Callable[..., Env], fresh_redis: Callable[..., RedisServer], decisions: Any
-) -> None:
-    """The store refuses (OOM) inside the body for longer than the lease, so its step cannot
-    be recorded. The step's ``StoreUnavailable`` must not fail the message (retried away, or
-    dead-lettered with no retry left, the record left ``running``): it is set aside, runs
-    again once the store recovers, and the key ends ``done``."""
-    store = fresh_redis()
-    setup = env(store.url, lease=1)
-    runs = f"{setup.namespace}:runs"
-
-    @dramatiq.actor(idempotent=True, store_results=True, max_retries=0)
-    def unrecorded_step(n: int) -> int:
-        count = int(setup.counters.incr(runs))
-        if count == 1:
-            _out_of_memory(store, full=True)
-        idemtask.step("charge", lambda: n)
-        return count
-
-    message = unrecorded_step.send(4)
-    worker = dramatiq.Worker(setup.broker, worker_threads=1, worker_timeout=100)
-    worker.start()
-    try:
-        wait_for(
-            lambda: decisions.count("store_unavailable") > 0 or setup.dead_letters() > 0,
-            20,
-            "a step refused by the store",
-        )
-        time.sleep(0.5)
-        _out_of_memory(store, full=False)
-        assert message.get_result(block=True, timeout=30_000) == 2
-        assert int(setup.counters.get(runs) or 0) == 2
-        assert setup.dead_letters() == 0
-        middleware = next(
-            m for m in setup.broker.middleware if isinstance(m, IdempotencyMiddleware)
-        )
-        key = middleware.derive("unrecorded_step", (4,), {}).key
-        record = middleware.guard.store.inspect(key)
-        assert record is not None and record.state is State.DONE
     finally:
         worker.stop()
