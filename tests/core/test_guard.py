@@ -365,6 +365,33 @@ def _guard_on(server: RedisServer) -> Guard:
     return Guard(RedisStore.from_url(server.url, socket_timeout=1, socket_connect_timeout=1))
 
 
+def _run_while_down(
+    server: RedisServer,
+    guard: Guard,
+    policy: Policy,
+    c: Call,
+    body: Callable[[], str],
+    *,
+    value: str,
+    raised: str,
+) -> None:
+    """Run ``body`` (which stops ``server``) under the guard, then start the server again.
+    As ``policy.on_store_error`` says: ``run`` hands back ``value``, ``raise`` raises a
+    ``StoreUnavailable`` matching ``raised``, ``defer`` a ``Deferred`` with a delay."""
+    try:
+        if policy.on_store_error == "run":
+            assert guard.run(policy, c, "t1", body, CODEC) == value
+        elif policy.on_store_error == "raise":
+            with pytest.raises(StoreUnavailable, match=raised):
+                guard.run(policy, c, "t1", body, CODEC)
+        else:
+            with pytest.raises(Deferred) as deferred:
+                guard.run(policy, c, "t1", body, CODEC)
+            assert deferred.value.delay > 0
+    finally:
+        server.start()
+
+
 def test_store_outage_policies(fresh_redis: Callable[..., RedisServer]) -> None:
     server = fresh_redis()
     guard = _guard_on(server)
@@ -421,18 +448,7 @@ def test_a_completion_the_store_never_takes_keeps_the_message(
         server.stop()
         return "paid"
 
-    try:
-        if on_store_error == "run":
-            assert guard.run(policy, c, "t1", body, CODEC) == "paid"
-        elif on_store_error == "raise":
-            with pytest.raises(StoreUnavailable, match="completion"):
-                guard.run(policy, c, "t1", body, CODEC)
-        else:
-            with pytest.raises(Deferred) as deferred:
-                guard.run(policy, c, "t1", body, CODEC)
-            assert deferred.value.delay > 0
-    finally:
-        server.start()
+    _run_while_down(server, guard, policy, c, body, value="paid", raised="completion")
     record = guard.store.inspect(c.key)
     assert record is not None and record.state is State.RUNNING
 
@@ -490,19 +506,8 @@ def test_a_step_the_store_never_takes_keeps_the_message(
         charged = idemtask.step("charge", lambda: charges.append("ch_1") or "ch_1")
         return f"paid with {charged}"
 
-    try:
-        if on_store_error == "run":
-            assert guard.run(policy, c, "t1", body, CODEC) == "paid with ch_1"
-        elif on_store_error == "raise":
-            what = "step 'charge' of key .* recorded" if at == "record" else "steps .* read"
-            with pytest.raises(StoreUnavailable, match=what):
-                guard.run(policy, c, "t1", body, CODEC)
-        else:
-            with pytest.raises(Deferred) as deferred:
-                guard.run(policy, c, "t1", body, CODEC)
-            assert deferred.value.delay > 0
-    finally:
-        server.start()
+    what = "step 'charge' of key .* recorded" if at == "record" else "steps .* read"
+    _run_while_down(server, guard, policy, c, body, value="paid with ch_1", raised=what)
     assert charges == (["ch_1"] if at == "record" or on_store_error == "run" else [])
     record = guard.store.inspect(c.key)
     assert record is not None and record.state is State.RUNNING
