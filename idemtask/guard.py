@@ -16,7 +16,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ from idemtask.errors import (
     TaskFailedError,
 )
 from idemtask.events import Decision, emit
-from idemtask.identity import Call
+from idemtask.identity import Call, Identity
 from idemtask.lease import LeaseKeeper
 from idemtask.policy import Policy
 from idemtask.steps import StepLog
@@ -287,6 +287,15 @@ class Guard:
                 call.key,
                 call.task_name,
             )
+
+    def unreserve(self, identity: Identity, fields: Mapping[str, Any] | None, task_id: str) -> None:
+        """Give back the reservation of a message the framework dropped before any delivery
+        decided it (revoked, expired, skipped by another middleware): no delivery will run it,
+        and until ``reservation_ttl`` every duplicate call would get its handle. Only a key
+        this very message carries is given back."""
+        call = identity.carried(fields, task_id)
+        if call is not None:
+            self.cancel(call, task_id)
 
     # -- execute -------------------------------------------------------------------------
 

@@ -120,10 +120,17 @@ class Identity:
         message_id: str,
         args: Sequence[Any] | None,
         kwargs: Mapping[str, Any] | None,
+        *,
+        explicit: str | None = None,
     ) -> Call:
-        """The carried call, else one derived again from the delivered arguments
+        """The call of one message, at enqueue and at execute: a caller-given key, else the
+        carried call (a retry or re-publish keeps it), else one derived from the arguments
         (``send_task`` by name, beat, a producer in another language, a forwarded header)."""
-        return self.carried(fields, message_id) or self.call(args, kwargs)
+        if explicit is None:
+            carried = self.carried(fields, message_id)
+            if carried is not None:
+                return carried
+        return self.call(args, kwargs, explicit=explicit)
 
 
 def identify(
@@ -133,11 +140,12 @@ def identify(
     options: Mapping[str, Any],
     *,
     strict: bool = True,
+    kind: str = "task",
 ) -> Identity | None:
     """A task's identity from its declared options over ``defaults``; None when the task is
-    not guarded (``idempotent=False``). Raises ``ConfigurationError`` naming the task."""
-    source = f"task {task_name}"
-    policy = defaults.with_options(options, source=source)
+    not guarded (``idempotent=False``). Both adapters read every task's options here.
+    Raises ``ConfigurationError`` naming the task (``kind``: what the framework calls it)."""
+    policy = defaults.with_options(options, source=f"{kind} {task_name}")
     if not policy.idempotent:
         return None
     validate_key_spec(fn, policy.idempotency_key, task_name=task_name)

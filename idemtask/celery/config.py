@@ -15,7 +15,7 @@ from idemtask.celery.codec import CelerySerializerCodec
 from idemtask.config import Settings, resolve_settings
 from idemtask.errors import ConfigurationError
 from idemtask.identity import Identity, identify
-from idemtask.policy import POLICY_OPTIONS, Policy, check_option_names
+from idemtask.policy import POLICY_OPTIONS, check_option_names
 
 CONF_NAME = "idemtask"
 #: Celery's own tasks (chord_unlock, backend_cleanup, ...) are never guarded, even when
@@ -68,19 +68,6 @@ def task_options(task_class: type[Task]) -> dict[str, Any]:
     return options
 
 
-def given_options(task_class: type[Task]) -> dict[str, Any]:
-    """``task_options`` without the names a class in the hierarchy defines as its own code
-    (a method such as celery-singleton's ``Singleton.on_duplicate``): only values someone
-    gave the task, through the decorator or as class attributes."""
-    return {
-        name: value
-        for name, value in task_options(task_class).items()
-        if not any(
-            name in vars(cls) and _defined_in(cls, vars(cls)[name]) for cls in task_class.__mro__
-        )
-    }
-
-
 def check_task_class(task_class: type[Task]) -> None:
     """Refuse a task class whose own attributes include a misspelt idemtask option.
 
@@ -93,13 +80,13 @@ def check_task_class(task_class: type[Task]) -> None:
     own = [
         name
         for name, value in vars(task_class).items()
-        if not any(name in vars(b) for b in inherited) and not _defined_in(task_class, value)
+        if not any(name in vars(b) for b in inherited) and not defined_in(task_class, value)
     ]
     label = vars(task_class).get("name") or f"{task_class.__module__}.{task_class.__qualname__}"
     check_option_names(own, source=f"task {label}")
 
 
-def _defined_in(task_class: type[Task], value: Any) -> bool:
+def defined_in(task_class: type[Task], value: Any) -> bool:
     """A method or property written in the class body (``def release(self)``) is the class's
     own code, not a decorator option, however close its name is to one."""
     if isinstance(value, property):
@@ -125,28 +112,14 @@ def task_identity(task: Task, settings: Settings | None = None) -> Identity | No
     return identity
 
 
-def task_policy(task: Task) -> Policy | None:
-    identity = task_identity(task)
-    return None if identity is None else identity.policy
-
-
 def resolve_identity(task: Task, settings: Settings) -> Identity | None:
     """Merge and validate, raising ConfigurationError that names the task. A task that does
     not type-check its calls (``typing=False``) keys the calls Celery accepts from it."""
-    name = task.name or task_class_name(task)
+    name = task.name or f"{type(task).__module__}.{type(task).__qualname__}"
     if name.startswith(BUILTIN_PREFIX):
         return None
     options = task_options(type(task))
     return identify(name, task.run, settings.defaults, options, strict=bool(task.typing))
-
-
-def resolve_policy(task: Task, settings: Settings) -> Policy | None:
-    identity = resolve_identity(task, settings)
-    return None if identity is None else identity.policy
-
-
-def task_class_name(task: Task) -> str:
-    return f"{type(task).__module__}.{type(task).__qualname__}"
 
 
 def codec_for(app: Celery) -> CelerySerializerCodec:

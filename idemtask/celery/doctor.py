@@ -18,8 +18,9 @@ from idemtask.celery.config import (
     BUILTIN_PREFIX,
     app_settings,
     check_task_class,
-    given_options,
-    resolve_policy,
+    defined_in,
+    resolve_identity,
+    task_options,
 )
 from idemtask.celery.startup import idempotent_tasks
 from idemtask.config import Settings
@@ -86,12 +87,12 @@ def _policies(app: Celery, settings: Settings) -> tuple[list[_Guarded], list[Fin
     for task in tasks:
         try:
             check_task_class(type(task))
-            policy = resolve_policy(task, settings)
+            identity = resolve_identity(task, settings)
         except ConfigurationError as err:
             problems.append(str(err))
             continue
-        if policy is not None:
-            guarded.append(_Guarded(task, policy))
+        if identity is not None:
+            guarded.append(_Guarded(task, identity.policy))
     if problems:
         finding = Finding(
             Level.ERROR, "celery.task_options", "; ".join(problems), "fix the task options"
@@ -112,6 +113,19 @@ def _policies(app: Celery, settings: Settings) -> tuple[list[_Guarded], list[Fin
     return guarded, [finding]
 
 
+def _given_options(task_class: type[Task]) -> dict[str, Any]:
+    """``task_options`` without the names a class in the hierarchy defines as its own code
+    (a method such as celery-singleton's ``Singleton.on_duplicate``): only values someone
+    gave the task, through the decorator or as class attributes."""
+    return {
+        name: value
+        for name, value in task_options(task_class).items()
+        if not any(
+            name in vars(cls) and defined_in(cls, vars(cls)[name]) for cls in task_class.__mro__
+        )
+    }
+
+
 def _unguarded(app: Celery) -> Finding:
     """idemtask options on a task that is no ``IdempotentTask`` are kept as plain class
     attributes and never read: the task looks guarded and is not."""
@@ -121,7 +135,7 @@ def _unguarded(app: Celery) -> Finding:
     for name, task in sorted(app.tasks.items()):
         if isinstance(task, IdempotentTask) or name.startswith(BUILTIN_PREFIX):
             continue
-        options = given_options(type(task))
+        options = _given_options(type(task))
         if options.get("idempotent") is False:
             del options["idempotent"]  # a plain task told to stay plain
         if options:

@@ -21,14 +21,11 @@ def _on_task_revoked(
 
     if terminated or request is None or not isinstance(sender, IdempotentTask):
         return
-    identity = sender.idemtask_identity()
-    headers = getattr(request, "headers", None)
+    identity, guard = sender._guarded()
     task_id = getattr(request, "id", None)
-    if identity is None or not isinstance(headers, Mapping) or not isinstance(task_id, str):
-        return
-    call = identity.carried(headers, task_id)
-    if call is not None:  # only this message's own reservation is given back
-        sender._guard().cancel(call, task_id)
+    if identity is not None and isinstance(task_id, str):
+        headers = getattr(request, "headers", None)
+        guard.unreserve(identity, headers if isinstance(headers, Mapping) else None, task_id)
 
 
 task_revoked.connect(_on_task_revoked, weak=False, dispatch_uid="idemtask.celery.task_revoked")

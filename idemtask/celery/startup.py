@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_init, worker_ready
 
-from idemtask.celery.config import app_settings, resolve_policy
+from idemtask.celery.config import app_settings, resolve_identity
 from idemtask.errors import ConfigurationError
 from idemtask.runtime import warn_if_unreachable
 
@@ -32,7 +32,7 @@ def validate_app(app: Celery) -> None:
     problems: list[str] = []
     for task in idempotent_tasks(app):
         try:
-            resolve_policy(task, settings)
+            resolve_identity(task, settings)
         except ConfigurationError as err:
             problems.append(str(err))
     if problems:

@@ -21,7 +21,6 @@ from idemtask.celery.config import (
     check_task_class,
     codec_for,
     task_identity,
-    task_policy,
 )
 from idemtask.celery.django import OnCommit
 from idemtask.celery.replace import HandsOverOnReplace
@@ -31,7 +30,7 @@ from idemtask.errors import (
     KeyDerivationError,
     LeaseLostError,
 )
-from idemtask.guard import Call, Deferred, Dropped, Guard, inline
+from idemtask.guard import Deferred, Dropped, Guard, inline
 from idemtask.identity import (
     FINGERPRINT_FIELD,
     KEY_FIELD,
@@ -73,7 +72,8 @@ class IdempotentTask(OnCommit, HandsOverOnReplace):
 
     def idemtask_policy(self) -> Policy | None:
         """The resolved policy (None when not guarded); raises ConfigurationError."""
-        return task_policy(self)
+        identity = task_identity(self)
+        return None if identity is None else identity.policy
 
     def idemtask_key(
         self,
@@ -138,7 +138,7 @@ class IdempotentTask(OnCommit, HandsOverOnReplace):
             )  # fmt: skip
 
         try:
-            call = self._enqueue_call(identity, headers, message_id, args, kwargs, explicit)
+            call = identity.resolve(headers, message_id, args, kwargs, explicit=explicit)
         except Exception as exc:
             calls.refuse_as_celery(self, call_args, serializer, exc)
             if not isinstance(exc, KeyDerivationError) or not passthrough or explicit is not None:
@@ -163,20 +163,6 @@ class IdempotentTask(OnCommit, HandsOverOnReplace):
         # The caller fixed the id in advance (a frozen signature, e.g. a chord body) and
         # waits on that id: publish, and the execute guard replays under it.
         return publish()
-
-    def _enqueue_call(
-        self,
-        identity: Identity,
-        headers: Mapping[str, Any] | None,
-        message_id: str,
-        args: Sequence[Any] | None,
-        kwargs: Mapping[str, Any] | None,
-        explicit: str | None,
-    ) -> Call:
-        """The key these headers carry for this message (a retry or re-publish keeps it),
-        else derived from the arguments."""
-        carried = identity.carried(headers, message_id) if explicit is None else None
-        return carried or identity.call(args, kwargs, explicit=explicit)
 
     # -- execute --------------------------------------------------------------------------
 

@@ -52,8 +52,9 @@ from idemtask.identity import (
     carry,
     count_deferrals,
     deferrals,
+    identify,
 )
-from idemtask.keys import DerivedKey, validate_key_spec
+from idemtask.keys import DerivedKey
 from idemtask.policy import POLICY_OPTIONS, Policy
 from idemtask.runtime import guard_for, warn_if_unreachable
 
@@ -157,18 +158,14 @@ class IdempotencyMiddleware(Middleware):
     def _configure(self, actor: dramatiq.Actor[Any, Any]) -> None:
         name = actor.actor_name
         options = {ACTOR_OPTIONS[k]: v for k, v in actor.options.items() if k in ACTOR_OPTIONS}
-        enabled = options.pop("idempotent", self.default_idempotent)
-        source = f"actor {name}"
-        try:
-            policy = self.settings.defaults.with_options(options, source=source)
-            if not isinstance(enabled, bool):
-                raise ConfigurationError(f"{source}: idempotent must be True or False")
-            validate_key_spec(actor.fn, policy.idempotency_key, task_name=name)
+        options.setdefault("idempotent", self.default_idempotent)
+        try:  # keys bind to ``actor.fn`` before it is wrapped
+            identity = identify(name, actor.fn, self.settings.defaults, options, kind="actor")
         except ConfigurationError as exc:
             raise InvalidActorOptions(str(exc)) from exc
         self._declared.add(name)
-        if enabled:  # keys bind to ``actor.fn`` before it is wrapped
-            self._identities[name] = Identity(name, actor.fn, policy)
+        if identity is not None:
+            self._identities[name] = identity
         else:
             self._identities.pop(name, None)
 
@@ -191,16 +188,14 @@ class IdempotencyMiddleware(Middleware):
             self._stamp(message)
 
     def _stamp(self, message: Message[Any] | MessageProxy) -> Call:
-        """The message's call: the one it carries when bound to it, else derived now from its
-        arguments (and a per-send ``idempotency_key``) and carried from then on."""
-        identity = self._identities[message.actor_name]
-        options = message.options
-        carried = identity.carried(options, message.message_id)
-        if carried is not None:
-            return carried
+        """The message's call (``Identity.resolve``, a per-send ``idempotency_key`` first),
+        carried in its options from then on."""
+        identity, options = self._identities[message.actor_name], message.options
         explicit = options.pop(EXPLICIT_KEY_OPTION, None)
         try:
-            call = identity.call(message.args, message.kwargs, explicit=explicit)
+            call = identity.resolve(
+                options, message.message_id, message.args, message.kwargs, explicit=explicit
+            )
         except KeyDerivationError as exc:
             raise UnkeyableMessage(exc.message, exc.path) from exc
         carry(call, message.message_id, options)
@@ -262,18 +257,10 @@ class IdempotencyMiddleware(Middleware):
         handoff.close(message, exception or RuntimeError("the actor was not called"))
 
     def after_skip_message(self, broker: Broker, message: MessageProxy) -> None:
-        if not handoff.reached(message.message_id):
-            self._unreserve(message)
-        handoff.close(message, SkipMessage("skipped by another middleware"))
-
-    def _unreserve(self, message: MessageProxy) -> None:
-        """Give back the reservation of a message skipped before idemtask decided it: no
-        delivery will run it, and until ``reservation_ttl`` ended every duplicate ``send``
-        would get it. Only this message's own reservation is given back."""
         identity = self._identities.get(message.actor_name)
-        call = identity.carried(message.options, message.message_id) if identity else None
-        if call is not None:
-            self.guard.cancel(call, message.message_id)
+        if identity is not None and not handoff.reached(message.message_id):
+            self.guard.unreserve(identity, message.options, message.message_id)  # AgeLimit
+        handoff.close(message, SkipMessage("skipped by another middleware"))
 
 
 def _merged(throws: Any, policy: Policy) -> tuple[type[BaseException], ...]:

@@ -17,6 +17,7 @@ from dramatiq.results import Results
 from dramatiq.results.backends import StubBackend
 
 from idemtask.dramatiq import IdempotencyMiddleware, check_broker
+from idemtask.dramatiq.errors import InvalidActorOptions
 from idemtask.errors import ConfigurationError
 from idemtask.findings import Level
 
@@ -108,3 +109,29 @@ def test_doctor_reports_an_actor_with_a_misspelt_option() -> None:
     finding = next(f for f in check_broker(broker) if f.code == "dramatiq.actor_options")
     assert finding.level is Level.ERROR
     assert "actor charge: unknown idemtask option(s) leese (did you mean lease?)" in str(finding)
+
+
+@pytest.mark.parametrize(("value", "guarded"), [(True, True), ("yes", True), ("off", False)])
+def test_an_actors_idempotent_option_is_read_as_a_celery_tasks_is(
+    value: object, guarded: bool
+) -> None:
+    """One function reads a task's options for both adapters: ``idempotent`` takes the same
+    values on an actor as on a Celery task (and in the environment)."""
+    broker = _broker()
+
+    @dramatiq.actor(broker=broker, idempotent=value)
+    def charge(order_id: str) -> None: ...
+
+    middleware = next(m for m in broker.middleware if isinstance(m, IdempotencyMiddleware))
+    assert (middleware.policy_for("charge") is not None) is guarded
+
+
+def test_a_bad_idempotent_option_is_refused_with_the_message_a_celery_task_gets() -> None:
+    broker = _broker()
+    with pytest.raises(InvalidActorOptions) as refused:
+
+        @dramatiq.actor(broker=broker, idempotent="maybe")
+        def charge(order_id: str) -> None: ...
+
+    assert str(refused.value) == "actor charge: invalid value 'maybe' for option idempotent"
+    assert "charge" not in broker.actors
