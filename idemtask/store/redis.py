@@ -330,10 +330,8 @@ class RedisStore:
         has_result = "0" if result is None else "1"
         args = (attempt_id, token, has_result, result or b"", result_ttl_ms)
         if self.wait_replicas:
-            reply = self._complete_and_wait(key, args)
-        else:
-            reply = self._call("complete", key, *args)
-        return _complete_answer(reply)
+            return self._complete_and_wait(key, args)
+        return _complete_answer(self._call("complete", key, *args))
 
     def release(
         self,
@@ -350,7 +348,7 @@ class RedisStore:
         )
         return _released_or_stale("release", reply)
 
-    def _complete_and_wait(self, key: str, args: tuple[Any, ...]) -> Any:
+    def _complete_and_wait(self, key: str, args: tuple[Any, ...]) -> CompleteAnswer:
         """EVALSHA complete + WAIT pipelined on one connection to the key's primary.
 
         WAIT counts replicas that acknowledged this connection's last write, so it must go
@@ -380,7 +378,8 @@ class RedisStore:
             return reply, int(acked)
 
         reply, acked = self._guarded(partial(self._on_cluster_nodes, send))
-        if _text(reply[0]) == Status.COMPLETED.value and acked < self.wait_replicas:
+        answer = _complete_answer(reply)
+        if isinstance(answer, Completed) and acked < self.wait_replicas:
             with self._lock:
                 self.wait_shortfalls += 1
             logger.warning(
@@ -391,7 +390,7 @@ class RedisStore:
                 self.wait_replicas,
                 self.wait_timeout_ms,
             )
-        return reply
+        return answer
 
     def _primary_client(self, name: str) -> Any:
         """A client bound to the node that serves ``name`` (the client itself off-cluster)."""
