@@ -59,6 +59,18 @@ def unreachable(settings: Settings) -> str | None:
     return None
 
 
+def warn_if_unshared(settings: Settings, logger: logging.Logger, *, where: str) -> None:
+    """At a worker's start: say once that ``memory://`` keeps records in this process only,
+    so a duplicate another worker process takes runs again (``where``: the settings that
+    lack a ``redis_url``)."""
+    if settings.uses_memory_store:
+        logger.warning(
+            "idemtask: no redis_url %s: the in-process MemoryStore guards nothing across "
+            "worker processes or restarts; set redis_url for real workers",
+            where,
+        )
+
+
 def warn_if_unreachable(settings: Settings, logger: logging.Logger) -> None:
     """At a worker's start: say once that the store does not answer, rather than let the
     first deferred message be the only sign of it."""

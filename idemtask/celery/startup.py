@@ -9,9 +9,9 @@ from typing import Any
 from celery import Celery, Task
 from celery.signals import worker_init, worker_ready
 
-from idemtask.celery.config import app_settings, resolve_identity
+from idemtask.celery.config import CONF_NAME, app_settings, resolve_identity
 from idemtask.errors import ConfigurationError
-from idemtask.runtime import warn_if_unreachable
+from idemtask.runtime import warn_if_unreachable, warn_if_unshared
 
 logger = logging.getLogger("idemtask.celery")
 
@@ -50,11 +50,8 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         # would fail every guarded task must not start. Its message is printed once, by the
         # interpreter on the way out (logging is not set up yet: a log call would print too).
         raise SystemExit(f"error: {err}") from err
-    if app_settings(app).uses_memory_store and not app.conf.task_always_eager:
-        logger.warning(
-            "idemtask: no redis_url in app.conf.idemtask: the in-process MemoryStore guards "
-            "nothing across worker processes or restarts; set redis_url for real workers"
-        )
+    if not app.conf.task_always_eager:
+        warn_if_unshared(app_settings(app), logger, where=f"in app.conf.{CONF_NAME}")
 
 
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 
 import dramatiq
 from dramatiq.broker import Broker, MessageProxy
+from dramatiq.brokers.stub import StubBroker
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware, SkipMessage
 
@@ -56,7 +57,7 @@ from idemtask.identity import (
 )
 from idemtask.keys import DerivedKey
 from idemtask.policy import POLICY_OPTIONS, Policy
-from idemtask.runtime import guard_for, warn_if_unreachable
+from idemtask.runtime import guard_for, warn_if_unreachable, warn_if_unshared
 
 from . import handoff
 from .codec import EncoderCodec
@@ -144,8 +145,11 @@ class IdempotencyMiddleware(Middleware):
         self._configure(actor)
 
     def after_worker_boot(self, broker: Broker, worker: dramatiq.Worker) -> None:
-        if self._identities:  # once per worker, before its first message
-            warn_if_unreachable(self.settings, logger)
+        if not self._identities:
+            return
+        if not isinstance(broker, StubBroker):  # a StubBroker's workers share one process
+            warn_if_unshared(self.settings, logger, where="given to IdempotencyMiddleware")
+        warn_if_unreachable(self.settings, logger)  # once per worker, before its first message
 
     def after_declare_actor(self, broker: Broker, actor: dramatiq.Actor[Any, Any] | str) -> None:
         if isinstance(actor, str):

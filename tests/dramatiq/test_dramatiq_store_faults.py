@@ -193,6 +193,25 @@ def test_a_completion_or_step_the_store_refuses_keeps_the_message_until_it_is_re
         worker.stop()
 
 
+def test_a_worker_on_the_in_process_store_warns_at_start_that_it_guards_nothing_across_processes(
+    env: Callable[..., Env], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``memory://`` (no redis_url) keeps records in each worker process: a duplicate that
+    another process takes runs again. A worker on a real broker says so as it boots, as a
+    Celery worker does."""
+    setup = env("memory://")
+
+    @dramatiq.actor(idempotent=True)
+    def guarded(n: int) -> None: ...
+
+    worker = dramatiq.Worker(setup.broker, worker_threads=1, worker_timeout=100)
+    with caplog.at_level(logging.WARNING, logger="idemtask.dramatiq"):
+        worker.start()
+        worker.stop()
+    assert caplog.text.count("MemoryStore guards nothing across worker processes") == 1, caplog.text
+    assert "no redis_url given to IdempotencyMiddleware" in caplog.text
+
+
 def test_a_worker_warns_once_at_start_when_the_store_cannot_be_reached(
     env: Callable[..., Env], caplog: pytest.LogCaptureFixture
 ) -> None:
