@@ -8,8 +8,10 @@ directory, so tests never touch a system-wide instance. A missing binary is an e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import time
@@ -85,7 +87,7 @@ class RabbitMQServer(ServerProcess):
     def __init__(self, *, consumer_timeout: int | None = None) -> None:
         self.binary = find_binary("rabbitmq-server", self._DIRS)
         self.ctl_binary = find_binary("rabbitmqctl", [str(Path(self.binary).parent)])
-        self.port, self.dist_port = free_ports(2)
+        self.port, self.dist_port, self.epmd_port = free_ports(3)
         self.node = f"idemtask-test-{self.port}@localhost"
         self.consumer_timeout = consumer_timeout
         super().__init__()
@@ -100,7 +102,19 @@ class RabbitMQServer(ServerProcess):
         cookie.chmod(0o400)
 
     def ports(self) -> list[int]:
-        return [self.port]
+        return [self.port]  # not epmd's: it stays up across restarts, as on a real host
+
+    def close(self) -> None:
+        super().close()
+        epmd = shutil.which("epmd") or str(Path(self.binary).parent / "epmd")
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                [epmd, "-port", str(self.epmd_port), "-kill"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=10,
+                check=False,
+            )
 
     def start(self) -> RabbitMQServer:
         if not self.running:
@@ -127,6 +141,11 @@ class RabbitMQServer(ServerProcess):
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
         env.update(
             HOME=str(self.dir),  # the server and rabbitmqctl share this .erlang.cookie
+            # The node's own Erlang port mapper, on loopback only: epmd outlives the node
+            # that started it, so ``close`` stops it (a shared one would stay behind,
+            # listening on every interface).
+            ERL_EPMD_ADDRESS=LOOPBACK,
+            ERL_EPMD_PORT=str(self.epmd_port),
             RABBITMQ_NODENAME=self.node,
             RABBITMQ_NODE_IP_ADDRESS=LOOPBACK,
             RABBITMQ_NODE_PORT=str(self.port),

@@ -210,6 +210,32 @@ def test_rabbitmq_round_trip(rabbitmq_server: RabbitMQServer) -> None:
     assert _get(rabbitmq_server.url, "idemtask-test-round-trip") is None
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses of every TCP socket listening on ``port`` (from /proc/net)."""
+    found: set[str] = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # /proc prints each 32-bit word in host (little-endian) order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, words))
+    return found
+
+
+@pytest.mark.rabbitmq
+def test_a_test_node_has_its_own_port_mapper_on_loopback_and_stops_it() -> None:
+    """epmd outlives the node that started it: it must listen on loopback only, and go
+    when the node is closed rather than stay behind after the suite."""
+    with RabbitMQServer() as server:
+        listening = _listening_addresses(server.epmd_port)
+        assert listening and listening <= {"127.0.0.1", "::1"}, listening
+        assert server.ctl("status").returncode == 0  # rabbitmqctl finds the node through it
+    assert _listening_addresses(server.epmd_port) == set()
+
+
 @pytest.mark.rabbitmq
 @pytest.mark.slow
 def test_rabbitmq_restart_and_kill(rabbitmq_server: RabbitMQServer) -> None:
