@@ -19,7 +19,10 @@ pytestmark = [pytest.mark.chaos]
 @pytest.mark.rabbitmq
 def test_an_external_node_is_restarted_by_its_command(rabbitmq_server: RabbitMQServer) -> None:
     server = rabbitmq_server
-    ctl = shlex.join(["env", f"HOME={server.dir}", server.ctl_binary, "-n", server.node])
+    ctl = shlex.join([
+        "env", f"HOME={server.dir}", f"ERL_EPMD_PORT={server.epmd_port}",
+        server.ctl_binary, "-n", server.node,
+    ])  # fmt: skip
     command = shlex.join(["sh", "-c", f"{ctl} stop_app && {ctl} start_app"])
     node = ExternalRabbitMQ(server.url, command)
     connection = pika.BlockingConnection(pika.URLParameters(server.url))
