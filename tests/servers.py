@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import time
@@ -87,6 +86,7 @@ class RabbitMQServer(ServerProcess):
     def __init__(self, *, consumer_timeout: int | None = None) -> None:
         self.binary = find_binary("rabbitmq-server", self._DIRS)
         self.ctl_binary = find_binary("rabbitmqctl", [str(Path(self.binary).parent)])
+        self.epmd_binary = find_binary("epmd", ["/usr/lib/erlang/bin"])  # Erlang's, not RabbitMQ's
         self.port, self.dist_port, self.epmd_port = free_ports(3)
         self.node = f"idemtask-test-{self.port}@localhost"
         self.consumer_timeout = consumer_timeout
@@ -106,10 +106,9 @@ class RabbitMQServer(ServerProcess):
 
     def close(self) -> None:
         super().close()
-        epmd = shutil.which("epmd") or str(Path(self.binary).parent / "epmd")
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(
-                [epmd, "-port", str(self.epmd_port), "-kill"],
+                [self.epmd_binary, "-port", str(self.epmd_port), "-kill"],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 timeout=10,
